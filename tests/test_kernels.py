@@ -1,0 +1,675 @@
+"""Triton kernels vs their torch references, and the references vs naive float64 loops.
+
+Without CUDA the Triton side runs in the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before the kernels are imported), so the cases are few and small
+but chosen to cover: head_dim 64/128, block size 16/32, GQA ratio 1/3/8, ragged lists
+with empty and single-slot heads, shuffled page tables, a pool whose element offsets
+exceed 2**31, decode and causal prefill, score accumulation, fp32/bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from vllm_adaptive_kv.triton_kernels import (
+    HAS_TRITON,
+    compact_slots,
+    paged_attention,
+    paged_attention_reference,
+    window_attention_colsum,
+    window_attention_colsum_reference,
+    write_kv,
+)
+from vllm_adaptive_kv.triton_kernels._triton import is_interpreted, use_triton
+from vllm_adaptive_kv.triton_kernels.paged_attention import _paged_attention_kernel
+
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not importable; only the torch references are tested"
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Pages of 2 * 16 * 64 elements; this many make the pool exceed 2**31 elements, so the
+# last pages are only addressable with int64 arithmetic. torch.empty leaves the memory
+# untouched (not resident) and the interpreter does not copy CPU tensors.
+BIG_POOL_PAGES = (1 << 20) + 256
+TAIL_PAGES = 96  # the big-pool cases only use (and fill) this many pages at the end
+
+# (output atol, output rtol) of Triton vs the torch reference, and of the reference vs
+# float64. 16-bit runs also round p to the pool dtype before p @ V.
+OUT_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+SCORE_TOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-4}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality that also holds for NaN poison (compares the raw bits)."""
+    if a.dtype.is_floating_point:
+        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(as_int), b.contiguous().view(as_int)
+    return torch.equal(a, b)
+
+
+@dataclass
+class Pool:
+    kv_pages: torch.Tensor
+    slot_pos: torch.Tensor
+    slot_flags: torch.Tensor
+    slot_score: torch.Tensor
+    used: slice  # the page range the case fills and may touch
+
+    def clone_used(self):
+        """CPU copies of the used page range of every pool tensor (for comparisons)."""
+        fields = (self.kv_pages, self.slot_pos, self.slot_flags, self.slot_score)
+        return [t[self.used].to("cpu", copy=True) for t in fields]
+
+
+def make_pool(num_pages, block_size, head_dim, dtype, gen, big=False) -> Pool:
+    """Random pool; a big pool is allocated with torch.empty and only its tail is filled."""
+    if big:
+        num_pages = BIG_POOL_PAGES
+        assert num_pages * 2 * block_size * head_dim > 2**31
+        used = slice(num_pages - TAIL_PAGES, num_pages)
+    else:
+        used = slice(0, num_pages)
+    pool = Pool(
+        kv_pages=torch.empty(num_pages, 2, block_size, head_dim, dtype=dtype, device=DEVICE),
+        slot_pos=torch.empty(num_pages, block_size, dtype=torch.int32, device=DEVICE),
+        slot_flags=torch.empty(num_pages, block_size, dtype=torch.uint8, device=DEVICE),
+        slot_score=torch.empty(num_pages, block_size, dtype=torch.float32, device=DEVICE),
+        used=used,
+    )
+    n = used.stop - used.start
+    pool.kv_pages[used] = torch.randn(n, 2, block_size, head_dim, generator=gen).to(dtype)
+    # Junk metadata everywhere: a kernel reading a wrong slot would see it.
+    pool.slot_pos[used] = torch.randint(0, 200, (n, block_size), generator=gen, dtype=torch.int32)
+    pool.slot_flags[used] = torch.randint(0, 4, (n, block_size), generator=gen, dtype=torch.uint8)
+    pool.slot_score[used] = torch.rand(n, block_size, generator=gen)
+    return pool
+
+
+def used_slots(pool: Pool) -> torch.Tensor:
+    """Physical ids of every slot in the pool's used page range."""
+    block_size = pool.kv_pages.shape[2]
+    return torch.arange(pool.used.start * block_size, pool.used.stop * block_size)
+
+
+@dataclass
+class HeadLists:
+    page_table: torch.Tensor  # [R, H, max_pages] int32 (a strided layer view)
+    head_lens: torch.Tensor  # [R, H] int32 (a strided layer view)
+    ctx_lens: list  # per request: original context length
+
+    def slots(self, r, h, block_size):
+        """Physical slot ids of list (r, h) in logical order."""
+        n = int(self.head_lens[r, h])
+        pages = self.page_table[r, h].long()
+        return [int(pages[i // block_size]) * block_size + i % block_size for i in range(n)]
+
+
+def random_lens(num_reqs, num_heads, block_size, gen):
+    """Ragged lengths that always include an empty, a single-slot and a full-page list."""
+    lens = torch.randint(2, 3 * block_size + 5, (num_reqs, num_heads), generator=gen)
+    special = torch.tensor([0, 1, block_size, block_size + 1])
+    flat = lens.view(-1)
+    flat[: min(len(special), flat.numel())] = special[: flat.numel()]
+    return lens.view(-1)[torch.randperm(flat.numel(), generator=gen)].view(num_reqs, num_heads)
+
+
+def make_lists(pool: Pool, lens, gen, num_layers=2, layer=1) -> HeadLists:
+    """Page tables over a random permutation of the used pool pages; writes slot_pos.
+
+    Each list keeps a sorted random subset of its request's positions, like a list
+    after eviction and compaction. The tables are layer views of [R, L, H, max_pages].
+    K/V of every used slot outside the lists become NaN: kernels must never read them.
+    """
+    block_size = pool.kv_pages.shape[2]
+    num_reqs, num_heads = lens.shape
+    pages_per_list = (lens + block_size - 1) // block_size
+    max_pages = int(pages_per_list.max()) + 1  # a trailing -1 column in every row
+    free_pages = pool.used.start + torch.randperm(pool.used.stop - pool.used.start, generator=gen)
+    assert int(pages_per_list.sum()) <= len(free_pages)
+    table = torch.full((num_reqs, num_layers, num_heads, max_pages), -1, dtype=torch.int32)
+    head_lens = torch.zeros(num_reqs, num_layers, num_heads, dtype=torch.int32)
+    ctx_lens, next_page = [], 0
+    listed = torch.zeros(pool.used.stop - pool.used.start, block_size, dtype=torch.bool)
+    for r in range(num_reqs):
+        ctx = int(lens[r].max()) + int(torch.randint(0, 8, (1,), generator=gen))
+        ctx_lens.append(ctx)
+        for h in range(num_heads):
+            n, k = int(lens[r, h]), int(pages_per_list[r, h])
+            table[r, layer, h, :k] = free_pages[next_page : next_page + k].int()
+            next_page += k
+            head_lens[r, layer, h] = n
+            positions = torch.randperm(ctx, generator=gen)[:n].sort().values.int()
+            for i in range(n):
+                page = int(table[r, layer, h, i // block_size])
+                pool.slot_pos[page, i % block_size] = positions[i]
+                listed[page - pool.used.start, i % block_size] = True
+    pool.kv_pages[pool.used].transpose(1, 2)[~listed.to(DEVICE)] = float("nan")
+    return HeadLists(table.to(DEVICE)[:, layer], head_lens.to(DEVICE)[:, layer], ctx_lens)
+
+
+@dataclass
+class Queries:
+    q: torch.Tensor  # [T, Hq, D]
+    token_req: torch.Tensor  # [T] int32
+    q_pos: torch.Tensor  # [T] int32
+
+
+def make_queries(lists: HeadLists, tokens_per_req, num_q_heads, head_dim, dtype, gen) -> Queries:
+    """Decode: one query at the context end. Prefill: several earlier positions too, so
+    some keys are invisible and position 0 often sees nothing; token order is shuffled."""
+    reqs, positions = [], []
+    for r, ctx in enumerate(lists.ctx_lens):
+        pos = [ctx] + [int(p) for p in torch.randint(0, ctx + 1, (tokens_per_req - 1,), generator=gen)]
+        if tokens_per_req > 2:
+            pos[-1] = 0
+        reqs += [r] * tokens_per_req
+        positions += pos
+    order = torch.randperm(len(reqs), generator=gen)
+    q = torch.randn(len(reqs), num_q_heads, head_dim, generator=gen).to(dtype)
+    return Queries(
+        q.to(DEVICE),
+        torch.tensor(reqs, dtype=torch.int32)[order].to(DEVICE),
+        torch.tensor(positions, dtype=torch.int32)[order].to(DEVICE),
+    )
+
+
+def attention_setup(seed, head_dim, block_size, group, dtype, tokens_per_req, big=False, num_heads=2):
+    gen = torch.Generator().manual_seed(seed)
+    lens = random_lens(3, num_heads, block_size, gen)
+    num_pages = int(((lens + block_size - 1) // block_size).sum()) * 2 + 3
+    pool = make_pool(num_pages, block_size, head_dim, dtype, gen, big=big)
+    lists = make_lists(pool, lens, gen)
+    queries = make_queries(lists, tokens_per_req, num_heads * group, head_dim, dtype, gen)
+    return pool, lists, queries
+
+
+# --------------------------------------------------------------------------- float64 truth
+
+
+def dense_attention(pool: Pool, lists: HeadLists, queries: Queries, scale):
+    """Loop-per-(token, kv head) float64 attention: (out, score_delta dict, colsum, visible counts)."""
+    block_size = pool.kv_pages.shape[2]
+    num_tokens, num_q_heads, head_dim = queries.q.shape
+    num_heads = lists.head_lens.shape[1]
+    group = num_q_heads // num_heads
+    out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float64)
+    score = {}
+    colsum = torch.zeros(lists.page_table.shape[0], num_heads, lists.page_table.shape[2] * block_size,
+                         dtype=torch.float64)
+    visible_counts = []
+    for t in range(num_tokens):
+        r, qp = int(queries.token_req[t]), int(queries.q_pos[t])
+        for h in range(num_heads):
+            slots = lists.slots(r, h, block_size)
+            pages = [s // block_size for s in slots]
+            offs = [s % block_size for s in slots]
+            keys = pool.kv_pages[pages, 0, offs].cpu().double()
+            values = pool.kv_pages[pages, 1, offs].cpu().double()
+            visible = pool.slot_pos[pages, offs].cpu() <= qp
+            visible_counts.append(int(visible.sum()))
+            if not visible.any():
+                continue
+            qg = queries.q[t, h * group : (h + 1) * group].cpu().double()
+            logits = (qg @ keys.T * scale).masked_fill(~visible, -math.inf)
+            probs = torch.softmax(logits, dim=-1)
+            out[t, h * group : (h + 1) * group] = probs @ values
+            colsum[r, h, : len(slots)] += probs.sum(0)
+            for i, s in enumerate(slots):
+                score[s] = score.get(s, 0.0) + float(probs[:, i].sum())
+    return out, score, colsum, visible_counts
+
+
+def apply_score_delta(slot_score_before: torch.Tensor, delta: dict, used: slice, block_size: int):
+    expected = slot_score_before.double().clone()
+    for slot, value in delta.items():
+        expected[slot // block_size - used.start, slot % block_size] += value
+    return expected
+
+
+# --------------------------------------------------------------------------- paged_attention
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class AttentionCase(NamedTuple):
+    seed: int
+    head_dim: int
+    block_size: int
+    group: int  # GQA ratio G = Hq / H
+    dtype: torch.dtype
+    tokens_per_req: int  # 1 = decode, more = causal prefill chunk
+    big: bool = False  # lists live at the end of a > 2**31-element pool
+    heads: int = 2  # kv heads H
+
+    def setup(self):
+        return attention_setup(self.seed, self.head_dim, self.block_size, self.group, self.dtype,
+                               self.tokens_per_req, self.big, self.heads)
+
+    @property
+    def name(self):
+        kind = "decode" if self.tokens_per_req == 1 else f"prefill{self.tokens_per_req}"
+        return (f"{kind}-d{self.head_dim}-bs{self.block_size}-g{self.group}-h{self.heads}-"
+                f"{DTYPE_NAMES[self.dtype]}" + ("-bigpool" if self.big else ""))
+
+
+def random_attention_cases(count: int, seed: int):
+    """Random (head_dim, block_size, group, dtype, tokens/request, kv heads) combos."""
+    rng = random.Random(seed)
+    return [
+        AttentionCase(seed + i, rng.choice([64, 128]), rng.choice([16, 32]), rng.choice([1, 3, 8]),
+                      rng.choice(list(DTYPE_NAMES)), rng.choice([1, 2, 4]), heads=rng.choice([1, 2, 3]))
+        for i in range(count)
+    ]
+
+
+ATTENTION_CASES = [
+    AttentionCase(1, 64, 16, 1, torch.float32, 1),
+    AttentionCase(2, 128, 32, 3, torch.float32, 3),
+    AttentionCase(3, 64, 32, 8, torch.bfloat16, 3),
+    AttentionCase(4, 128, 16, 8, torch.float16, 1),
+    AttentionCase(5, 64, 16, 3, torch.float16, 2, big=True),
+    *random_attention_cases(6, seed=100),
+]
+ATTENTION_PARAMS = [pytest.param(case, id=case.name) for case in ATTENTION_CASES]
+
+
+@pytest.mark.parametrize("case", ATTENTION_PARAMS)
+def test_paged_attention_reference_matches_float64(case: AttentionCase):
+    pool, lists, queries = case.setup()
+    scale = case.head_dim**-0.5
+    score_before = pool.slot_score[pool.used].clone()
+    out = paged_attention_reference(queries.q, queries.token_req, queries.q_pos, lists.page_table,
+                                    lists.head_lens, pool.kv_pages, pool.slot_pos, scale,
+                                    slot_score=pool.slot_score)
+    want_out, delta, _, visible_counts = dense_attention(pool, lists, queries, scale)
+    # The case must exercise empty rows and partially visible lists.
+    assert 0 in visible_counts and len(set(visible_counts)) > 2
+    tol = OUT_TOL[case.dtype]
+    torch.testing.assert_close(out.cpu().double(), want_out, atol=tol, rtol=tol)
+    want_score = apply_score_delta(score_before, delta, pool.used, case.block_size)
+    tol = SCORE_TOL[case.dtype]
+    torch.testing.assert_close(pool.slot_score[pool.used].cpu().double(), want_score, atol=tol, rtol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ATTENTION_PARAMS)
+def test_paged_attention_triton_matches_reference(case: AttentionCase):
+    pool, lists, queries = case.setup()
+    used = pool.used
+    score_start = pool.slot_score[used].clone()
+    outs, scores = {}, {}
+    for impl in ("torch", "triton"):
+        pool.slot_score[used] = score_start
+        out = torch.full_like(queries.q, float("nan"))  # poison: every element must be written
+        paged_attention(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+                        pool.kv_pages, pool.slot_pos, case.head_dim**-0.5, out=out,
+                        slot_score=pool.slot_score, impl=impl)
+        outs[impl], scores[impl] = out, pool.slot_score[used].clone()
+    assert not outs["triton"].isnan().any()
+    tol = OUT_TOL[case.dtype]
+    torch.testing.assert_close(outs["triton"].float(), outs["torch"].float(), atol=tol, rtol=tol)
+    tol = SCORE_TOL[case.dtype]
+    torch.testing.assert_close(scores["triton"], scores["torch"], atol=tol, rtol=tol)
+    assert not torch.equal(scores["triton"], score_start)  # scores were actually added
+
+
+@needs_triton
+def test_paged_attention_without_score_leaves_pool_alone():
+    pool, lists, queries = attention_setup(7, 64, 16, 3, torch.float32, 2)
+    before = pool.clone_used()
+    out = paged_attention(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+                          pool.kv_pages, pool.slot_pos, 0.125, impl="triton")
+    ref = paged_attention_reference(queries.q, queries.token_req, queries.q_pos, lists.page_table,
+                                    lists.head_lens, pool.kv_pages, pool.slot_pos, 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for was, now in zip(before, pool.clone_used()):
+        assert same_bits(was, now)
+
+
+def test_reference_token_chunking_matches_one_chunk(monkeypatch):
+    """Long prefills are gathered in token chunks; a tiny budget must not change results."""
+    # The package re-exports the function under the module's name, so fetch the module itself.
+    pa = importlib.import_module("vllm_adaptive_kv.triton_kernels.paged_attention")
+    pool, lists, queries = AttentionCase(8, 64, 16, 3, torch.float32, 4).setup()
+    args = (queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+            pool.kv_pages, pool.slot_pos, 0.125)
+    one_chunk = paged_attention_reference(*args)
+    one_colsum = window_attention_colsum_reference(*args)
+    monkeypatch.setattr(pa, "_REFERENCE_CHUNK_ELEMS", 1)  # one token per chunk
+    assert len(pa.token_chunks(len(queries.q), 10)) == len(queries.q)
+    torch.testing.assert_close(paged_attention_reference(*args), one_chunk, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(window_attention_colsum_reference(*args), one_colsum, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- window stats
+
+WINDOW_CASES = [
+    pytest.param(11, 64, 16, 3, torch.float32, id="d64-bs16-g3-fp32"),
+    pytest.param(12, 128, 32, 8, torch.bfloat16, id="d128-bs32-g8-bf16"),
+    pytest.param(13, 64, 32, 1, torch.float16, id="d64-bs32-g1-fp16"),
+]
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", id="reference"),
+                                  pytest.param("triton", id="triton", marks=needs_triton)])
+@pytest.mark.parametrize("seed,head_dim,block_size,group,dtype", WINDOW_CASES)
+def test_window_colsum_matches_float64(seed, head_dim, block_size, group, dtype, impl):
+    pool, lists, queries = attention_setup(seed, head_dim, block_size, group, dtype, tokens_per_req=4)
+    scale = head_dim**-0.5
+    num_reqs, num_heads, max_pages = lists.page_table.shape
+    out = torch.full((num_reqs, num_heads, max_pages * block_size + 3), float("nan"), device=DEVICE)
+    window_attention_colsum(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+                            pool.kv_pages, pool.slot_pos, scale, out=out, impl=impl)
+    _, _, want, visible_counts = dense_attention(pool, lists, queries, scale)
+    assert 0 in visible_counts
+    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out[..., : want.shape[2]].cpu().double(), want, atol=tol, rtol=tol)
+    assert not out[..., want.shape[2] :].any()  # padding slots were zeroed too
+    # Each window token that sees a key spreads G units of probability over its list.
+    seeing = torch.tensor(visible_counts).view(-1, num_heads) > 0  # [T, H]
+    per_req = torch.zeros(num_reqs, num_heads).index_add_(0, queries.token_req.cpu().long(), seeing.float())
+    torch.testing.assert_close(out.sum(-1).cpu(), group * per_req, atol=1e-3, rtol=1e-4)
+
+
+def test_window_colsum_reference_is_used_on_request():
+    pool, lists, queries = attention_setup(14, 64, 16, 1, torch.float32, tokens_per_req=2)
+    a = window_attention_colsum(queries.q, queries.token_req, queries.q_pos, lists.page_table,
+                                lists.head_lens, pool.kv_pages, pool.slot_pos, 0.125, impl="torch")
+    b = window_attention_colsum_reference(queries.q, queries.token_req, queries.q_pos, lists.page_table,
+                                          lists.head_lens, pool.kv_pages, pool.slot_pos, 0.125)
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- write_kv
+
+WRITE_CASES = [
+    pytest.param(21, 64, 16, torch.float32, False, id="d64-bs16-fp32"),
+    pytest.param(22, 128, 32, torch.bfloat16, False, id="d128-bs32-bf16"),
+    pytest.param(23, 64, 16, torch.float16, True, id="d64-bs16-fp16-bigpool"),
+]
+
+
+def write_setup(seed, head_dim, block_size, dtype, big, num_tokens=7, num_heads=3):
+    gen = torch.Generator().manual_seed(seed)
+    pool = make_pool(40, block_size, head_dim, dtype, gen, big=big)
+    # Poison the pool so that every written field is checked against its source.
+    pool.kv_pages[pool.used] = float("nan")
+    pool.slot_score[pool.used] = float("nan")
+    pool.slot_pos[pool.used] = -7
+    pool.slot_flags[pool.used] = 0xEE
+    all_slots = used_slots(pool)
+    slots = all_slots[torch.randperm(len(all_slots), generator=gen)[: num_tokens * num_heads]]
+    slots = slots.view(num_tokens, num_heads).clone()
+    slots[torch.rand(num_tokens, num_heads, generator=gen) < 0.25] = -1
+    slots[0, 0] = -1
+    key = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype)
+    # A strided value (heads interleaved with junk) checks the wrappers' stride handling.
+    value = torch.randn(num_tokens, 2 * num_heads, head_dim, generator=gen).to(dtype)[:, ::2]
+    positions = torch.randint(0, 10_000, (num_tokens,), generator=gen, dtype=torch.int32)
+    flags = torch.randint(0, 4, (num_tokens,), generator=gen, dtype=torch.uint8)
+    args = [t.to(DEVICE) for t in (key, value, slots, positions, flags)]
+    return pool, args
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", id="reference"),
+                                  pytest.param("triton", id="triton", marks=needs_triton)])
+@pytest.mark.parametrize("seed,head_dim,block_size,dtype,big", WRITE_CASES)
+def test_write_kv_writes_exactly_the_mapped_slots(seed, head_dim, block_size, dtype, big, impl):
+    pool, (key, value, slots, positions, flags) = write_setup(seed, head_dim, block_size, dtype, big)
+    before = pool.clone_used()
+    write_kv(key, value, slots, positions, flags, pool.kv_pages, pool.slot_pos, pool.slot_flags,
+             pool.slot_score, impl=impl)
+    after = pool.clone_used()
+    key, value, slots, positions, flags = (t.cpu() for t in (key, value, slots, positions, flags))
+    written = torch.zeros_like(before[1], dtype=torch.bool)
+    start = pool.used.start
+    for t in range(slots.shape[0]):
+        for h in range(slots.shape[1]):
+            s = int(slots[t, h])
+            if s < 0:
+                continue
+            page, off = s // block_size - start, s % block_size
+            written[page, off] = True
+            assert torch.equal(after[0][page, 0, off], key[t, h])
+            assert torch.equal(after[0][page, 1, off], value[t, h])
+            assert after[1][page, off] == positions[t]
+            assert after[2][page, off] == flags[t]
+            assert after[3][page, off] == 0.0
+    assert written.any() and not written.all()
+    # Skipped (-1) and unmapped slots keep their poison.
+    assert after[0].transpose(1, 2)[~written].isnan().all() and after[3][~written].isnan().all()
+    assert torch.equal(after[1][~written], before[1][~written])
+    assert torch.equal(after[2][~written], before[2][~written])
+
+
+# --------------------------------------------------------------------------- compaction
+
+
+def plan_moves(lists: HeadLists, keep: torch.Tensor, block_size: int, junk_slots: torch.Tensor,
+               gen: torch.Generator):
+    """Planner stand-in: per list, kept slot old_i moves to new_i (its rank) when they differ.
+
+    Entries past num_moves hold moves between random ``junk_slots``, which an
+    implementation that ignores num_moves would apply.
+    Returns (src_slot, dst_slot [M, max_moves] int64, num_moves [M] int32, kept pairs)."""
+    num_reqs, num_heads = lists.head_lens.shape
+    rows, kept_pairs = [], []
+    for r in range(num_reqs):
+        for h in range(num_heads):
+            slots = lists.slots(r, h, block_size)
+            kept = [i for i in range(len(slots)) if keep[r, h, i]]
+            kept_pairs += [(slots[old], slots[new]) for new, old in enumerate(kept)]
+            rows.append([(slots[old], slots[new]) for new, old in enumerate(kept) if new != old])
+    max_moves = max(len(row) for row in rows) + 2  # slack entries must be ignored
+    junk = junk_slots[torch.randint(0, len(junk_slots), (2, len(rows), max_moves), generator=gen)]
+    src, dst = junk[0].clone(), junk[1].clone()
+    for m, row in enumerate(rows):
+        if row:
+            src[m, : len(row)] = torch.tensor([s for s, _ in row])
+            dst[m, : len(row)] = torch.tensor([d for _, d in row])
+    num_moves = torch.tensor([len(row) for row in rows], dtype=torch.int32)
+    return src.to(DEVICE), dst.to(DEVICE), num_moves.to(DEVICE), kept_pairs
+
+
+COMPACT_CASES = [
+    pytest.param(31, 64, 16, torch.float32, False, 0.5, id="d64-bs16-fp32-half"),
+    pytest.param(32, 128, 32, torch.bfloat16, False, 0.3, id="d128-bs32-bf16-sparse"),
+    pytest.param(33, 64, 16, torch.float16, True, 0.7, id="d64-bs16-fp16-bigpool"),
+]
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", id="reference"),
+                                  pytest.param("triton", id="triton", marks=needs_triton)])
+@pytest.mark.parametrize("seed,head_dim,block_size,dtype,big,keep_prob", COMPACT_CASES)
+def test_compaction_moves_kept_slots(seed, head_dim, block_size, dtype, big, keep_prob, impl):
+    gen = torch.Generator().manual_seed(seed)
+    # Long lists so that some rows need more than one chunk of 32 moves.
+    lens = torch.randint(0, 5 * block_size, (3, 3), generator=gen)
+    lens[0, 0], lens[0, 1], lens[2, 2] = 0, 1, 4 * block_size + 9
+    pool = make_pool(int(((lens + block_size - 1) // block_size).sum()) + 5, block_size, head_dim,
+                     dtype, gen, big=big)
+    lists = make_lists(pool, lens, gen)
+    keep = torch.rand(3, 3, lens.max(), generator=gen) < keep_prob
+    src, dst, num_moves, kept_pairs = plan_moves(lists, keep, block_size, used_slots(pool), gen)
+    assert int(num_moves.max()) > 32
+    before = pool.clone_used()
+    compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score, src, dst, num_moves,
+                  impl=impl)
+    after = pool.clone_used()
+
+    def at(fields, slot):
+        page, off = slot // block_size - pool.used.start, slot % block_size
+        return fields[0][page, :, off], fields[1][page, off], fields[2][page, off], fields[3][page, off]
+
+    for old, new in kept_pairs:
+        for was, now in zip(at(before, old), at(after, new)):
+            assert same_bits(was, now)
+    destinations = {int(d) for m in range(len(num_moves)) for d in dst[m, : int(num_moves[m])]}
+    untouched = torch.ones_like(before[1], dtype=torch.bool)
+    for d in destinations:
+        untouched[d // block_size - pool.used.start, d % block_size] = False
+    for was, now in zip(before, after):
+        view = (lambda t: t.transpose(1, 2)) if was.dim() == 4 else (lambda t: t)
+        assert same_bits(view(was)[untouched], view(now)[untouched])
+
+
+@needs_triton
+def test_compaction_triton_equals_reference_on_whole_pool():
+    gen = torch.Generator().manual_seed(41)
+    block_size = 16
+    lens = torch.randint(0, 4 * block_size, (2, 4), generator=gen)
+    pool = make_pool(int(((lens + block_size - 1) // block_size).sum()) + 3, block_size, 64,
+                     torch.float32, gen)
+    lists = make_lists(pool, lens, gen)
+    keep = torch.rand(2, 4, lens.max(), generator=gen) < 0.5
+    src, dst, num_moves, _ = plan_moves(lists, keep, block_size, used_slots(pool), gen)
+    results = {}
+    start = pool.clone_used()
+    for impl in ("torch", "triton"):
+        for t, s in zip((pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score), start):
+            t.copy_(s)
+        compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score, src, dst, num_moves,
+                      impl=impl)
+        results[impl] = pool.clone_used()
+    for a, b in zip(results["torch"], results["triton"]):
+        assert same_bits(a, b)
+    assert not same_bits(results["torch"][0], start[0])
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+@needs_triton
+def test_auto_picks_triton_when_interpreted_or_cuda():
+    expected = DEVICE == "cuda" or is_interpreted(_paged_attention_kernel)
+    assert use_triton("auto", _paged_attention_kernel, torch.device(DEVICE)) == expected
+    assert use_triton("torch", _paged_attention_kernel, torch.device(DEVICE)) is False
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    pool, (key, value, slots, positions, flags) = write_setup(51, 64, 16, torch.float32, False)
+    pool_args = (pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score)
+    with pytest.raises(ValueError, match="positions has last-dim stride 2"):
+        write_kv(key, value, slots, positions.repeat_interleave(2)[::2], flags, *pool_args)
+    with pytest.raises(ValueError, match="slot_mapping.*int32"):
+        write_kv(key, value, slots.int(), positions, flags, *pool_args)
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        write_kv(key, value, slots, positions, flags, *pool_args, impl="cuda")
+    pool, lists, queries = attention_setup(52, 64, 16, 2, torch.float32, 1)
+    att = (queries.token_req, queries.q_pos, lists.page_table, lists.head_lens, pool.kv_pages, pool.slot_pos)
+    with pytest.raises(ValueError, match="q has last-dim stride 2"):
+        paged_attention(queries.q.repeat_interleave(2, dim=-1)[..., ::2], *att, 0.1)
+    small_pages = torch.zeros(4, 2, 8, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="block_size=8"):
+        paged_attention(queries.q, *att[:4], small_pages, torch.zeros(4, 8, dtype=torch.int32), 0.1)
+    with pytest.raises(ValueError, match="q has 3 query heads"):
+        paged_attention(queries.q[:, :3], *att, 0.1)
+    with pytest.raises(ValueError, match="out has shape"):
+        paged_attention(queries.q, *att, 0.1, out=queries.q[:1].clone())
+    with pytest.raises(ValueError, match="out has 1 slots"):
+        window_attention_colsum(queries.q, *att, 0.1, out=torch.zeros(3, 2, 1, device=DEVICE))
+    moves = torch.zeros(2, 4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="num_moves has dtype torch.int64"):
+        compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score, moves, moves,
+                      torch.zeros(2, dtype=torch.int64))
+
+
+def test_package_imports_and_runs_references_without_triton():
+    """With triton unimportable the wrappers fall back to torch and 'triton' is refused."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch
+        import vllm_adaptive_kv.triton_kernels as k
+        assert not k.HAS_TRITON
+        pages = torch.randn(4, 2, 16, 64)
+        pos = torch.arange(64, dtype=torch.int32).view(4, 16)
+        table = torch.tensor([[[2, 0]]], dtype=torch.int32)
+        lens = torch.tensor([[20]], dtype=torch.int32)
+        q = torch.randn(1, 2, 64)
+        req, qpos = torch.zeros(1, dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
+        out = k.paged_attention(q, req, qpos, table, lens, pages, pos, 0.125)
+        assert torch.isfinite(out).all()
+        try:
+            k.paged_attention(q, req, qpos, table, lens, pages, pos, 0.125, impl="triton")
+        except ValueError as e:
+            assert "triton is not importable" in str(e)
+        else:
+            raise AssertionError("impl='triton' ran without triton")
+        print("ok")
+    """)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+COMPILE_SCRIPT = """
+import importlib, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def compile_kernel(module, kernel, pointers, consts):
+    fn = getattr(importlib.import_module("vllm_adaptive_kv.triton_kernels." + module), kernel)
+    signature = {
+        name: "constexpr" if name in consts else "*" + pointers[name] if name in pointers
+        else "fp32" if name == "qk_scale" else "i32"
+        for name in fn.arg_names
+    }
+    constexprs = {(fn.arg_names.index(name),): value for name, value in consts.items()}
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+
+attention_ptrs = dict(q_ptr="bf16", token_req_ptr="i32", q_pos_ptr="i32", table_ptr="i32",
+                      head_lens_ptr="i32", kv_ptr="bf16", pos_ptr="i32")
+attention_consts = dict(GROUP=3, GROUP_PAD=16, BLOCK_SIZE=32, BLOCK_D=128, DOT_MODE="tf32")
+compile_kernel("paged_attention", "_paged_attention_kernel",
+               dict(attention_ptrs, out_ptr="bf16", score_ptr="fp32"),
+               dict(attention_consts, ACCUMULATE_SCORE=True))
+compile_kernel("window_stats", "_window_colsum_kernel", dict(attention_ptrs, out_ptr="fp32"),
+               attention_consts)
+compile_kernel("write_kv", "_write_kv_kernel",
+               dict(key_ptr="fp16", value_ptr="fp16", slot_mapping_ptr="i64", positions_ptr="i32",
+                    flags_ptr="u8", kv_ptr="fp16", pos_ptr="i32", slot_flags_ptr="u8", score_ptr="fp32"),
+               dict(BLOCK_SIZE=16, BLOCK_D=64))
+compile_kernel("compaction", "_compact_slots_kernel",
+               dict(kv_ptr="fp32", pos_ptr="i32", flags_ptr="u8", score_ptr="fp32", src_ptr="i64",
+                    dst_ptr="i64", num_moves_ptr="i32"),
+               dict(BLOCK_SIZE=16, BLOCK_D=64, BLOCK_MOVES=32))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@needs_triton
+def test_kernels_compile_for_sm90(tmp_path):
+    """Compiled mode (not the interpreter) type-checks differently: compile each kernel for
+    an H100 (sm_90, through ptxas) without needing a GPU. Skipped if the backend is absent."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"triton's NVIDIA compiler backend is not importable: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # really compile, do not reuse a cache
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -1,0 +1,156 @@
+"""window_stats: attention column sums of the observation window, for the profiler.
+
+FastGen profiles each head on the attention the last ``W`` prompt queries pay to
+every cached key. This kernel returns, per list (r, h) and LOGICAL slot i, the
+softmax probability of slot i summed over the window queries of r and the G query
+heads of group h. Causality follows :mod:`.paged_attention` (original positions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import check_shape, check_tensor, tl, triton, use_triton
+from .paged_attention import (
+    LOG2E,
+    _block_prob_colsum,
+    _block_visibility,
+    _load_query_group,
+    _softmax_stats,
+    attention_launch_constants,
+    check_attention_args,
+    gather_list_slots,
+    reference_probs,
+    token_chunks,
+)
+
+__all__ = ["window_attention_colsum", "window_attention_colsum_reference"]
+
+
+@triton.jit
+def _window_colsum_kernel(
+    q_ptr, token_req_ptr, q_pos_ptr, table_ptr, head_lens_ptr, kv_ptr, pos_ptr, out_ptr,
+    stride_q_t, stride_q_h,
+    stride_table_r, stride_table_h, stride_table_page, stride_lens_r, stride_lens_h,
+    stride_kv_page, stride_kv_kind, stride_kv_slot, stride_pos_page, stride_pos_slot,
+    stride_out_r, stride_out_h, stride_out_slot,
+    qk_scale, head_dim, max_pages,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    """Grid (T, H): pass 1 finds the softmax max/sum, pass 2 adds normalized probabilities.
+
+    All window tokens of a request add into the same out row, hence atomics.
+    """
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    req = tl.load(token_req_ptr + tok).to(tl.int64)
+    query_pos = tl.load(q_pos_ptr + tok)
+    num_keys = tl.load(head_lens_ptr + req * stride_lens_r + head * stride_lens_h)
+    num_keys = tl.minimum(num_keys, max_pages * BLOCK_SIZE)  # never read past the table row
+    table_row = table_ptr + req * stride_table_r + head * stride_table_h
+    q = _load_query_group(q_ptr, tok, head, stride_q_t, stride_q_h, head_dim, GROUP, GROUP_PAD, BLOCK_D)
+
+    m_safe, l_i = _softmax_stats(q, table_row, stride_table_page, kv_ptr, pos_ptr, num_keys, query_pos,
+                                 stride_kv_page, stride_kv_kind, stride_kv_slot, stride_pos_page,
+                                 stride_pos_slot, head_dim, qk_scale, GROUP_PAD, BLOCK_SIZE, BLOCK_D,
+                                 DOT_MODE)
+    inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
+    group_mask = tl.arange(0, GROUP_PAD) < GROUP
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    out_row = out_ptr + req * stride_out_r + head * stride_out_h
+    for blk in range(0, tl.cdiv(num_keys, BLOCK_SIZE)):
+        page, visible = _block_visibility(table_row, stride_table_page, pos_ptr, stride_pos_page,
+                                          stride_pos_slot, blk, num_keys, query_pos, BLOCK_SIZE)
+        col = _block_prob_colsum(q, kv_ptr, page, visible, m_safe, inv_l, group_mask,
+                                 stride_kv_page, stride_kv_kind, stride_kv_slot, head_dim, qk_scale,
+                                 BLOCK_SIZE, BLOCK_D, DOT_MODE)
+        logical = (blk * BLOCK_SIZE + offs_n).to(tl.int64)
+        tl.atomic_add(out_row + logical * stride_out_slot, col, mask=visible, sem="relaxed")
+
+
+def window_attention_colsum(
+    q: torch.Tensor,
+    token_req: torch.Tensor,
+    q_pos: torch.Tensor,
+    page_table: torch.Tensor,
+    head_lens: torch.Tensor,
+    kv_pages: torch.Tensor,
+    slot_pos: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-list attention column sums of the observation-window queries.
+
+    Args:
+        q:          [T, Hq, D] the last W prompt queries of each request, flattened.
+        token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, scale:
+                    as in :func:`.paged_attention.paged_attention`.
+        out:        optional [R, H, S'] fp32 with S' >= max_pages * bs; the wrapper
+                    zeroes it (callers need not).
+        impl: "auto" | "triton" | "torch".
+
+    Returns ``out`` with ``out[r, h, i]`` = sum over window tokens t of r and the G query
+    heads of group h of softmax_prob(t, head, logical slot i). Entries with
+    ``i >= head_lens[r, h]`` are 0; ``out[r, h].sum() == G * #(window tokens of r that
+    see at least one key of list h)``.
+    """
+    num_tokens, _, num_heads, group, head_dim = check_attention_args(
+        q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos)
+    num_reqs, _, max_pages = page_table.shape
+    block_size = kv_pages.shape[2]
+    num_slots = max_pages * block_size
+    if out is None:
+        out = torch.empty(num_reqs, num_heads, num_slots, dtype=torch.float32, device=q.device)
+    check_tensor("out", out, torch.float32, dim=3, device=q.device)
+    check_shape("out", out, (num_reqs, num_heads, None))
+    if out.shape[2] < num_slots:
+        raise ValueError(f"out has {out.shape[2]} slots per list; allowed: >= max_pages * "
+                         f"block_size = {num_slots}")
+    if not use_triton(impl, _window_colsum_kernel, q.device):
+        return window_attention_colsum_reference(q, token_req, q_pos, page_table, head_lens,
+                                                 kv_pages, slot_pos, scale, out=out)
+    out.zero_()
+    if num_tokens == 0:
+        return out
+    _window_colsum_kernel[(num_tokens, num_heads)](
+        q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, out,
+        q.stride(0), q.stride(1),
+        page_table.stride(0), page_table.stride(1), page_table.stride(2),
+        head_lens.stride(0), head_lens.stride(1),
+        kv_pages.stride(0), kv_pages.stride(1), kv_pages.stride(2),
+        slot_pos.stride(0), slot_pos.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        float(scale) * LOG2E, head_dim, max_pages,
+        **attention_launch_constants(q, group, head_dim, block_size, _window_colsum_kernel),
+    )
+    return out
+
+
+def window_attention_colsum_reference(
+    q: torch.Tensor,
+    token_req: torch.Tensor,
+    q_pos: torch.Tensor,
+    page_table: torch.Tensor,
+    head_lens: torch.Tensor,
+    kv_pages: torch.Tensor,
+    slot_pos: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch version of :func:`window_attention_colsum` (same arguments, minus ``impl``)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_reqs, num_heads, max_pages = page_table.shape
+    page, offset, in_list = gather_list_slots(page_table, head_lens, kv_pages.shape[2])
+    num_slots = page.shape[2]
+    if out is None:
+        out = torch.empty(num_reqs, num_heads, num_slots, dtype=torch.float32, device=q.device)
+    out.zero_()
+    per_token = num_heads * num_slots * (head_dim + num_q_heads // num_heads)
+    for chunk in token_chunks(num_tokens, per_token):
+        req = token_req[chunk].long()
+        probs, _ = reference_probs(q[chunk], q_pos[chunk], page[req], offset, in_list[req],
+                                   kv_pages, slot_pos, scale)
+        out[:, :, :num_slots].index_add_(0, req, probs.sum(2))
+    return out
