@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     cfg = model.config
     table = build_token_flags(tokenizer, cfg.vocab_size)
     passkey = passkey_prompt(args.passkey_filler, depth=0.5, seed=7)
-    prompts = [("passkey", chat_text(tokenizer, passkey.text)), ("chat", chat_text(tokenizer, CHAT_QUESTIONS[2]))]
+    questions = "Answer each question briefly.\n" + "\n".join(f"{i + 1}. {q}" for i, q in enumerate(CHAT_QUESTIONS))
+    prompts = [("passkey", chat_text(tokenizer, passkey.text)), ("chat", chat_text(tokenizer, questions))]
     layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     print(f"FastGen on {path.name}: {layers} layers x {heads} KV heads "
           f"(x{cfg.num_attention_heads // heads} query heads each), window W={args.window}, block size {args.block_size}")
