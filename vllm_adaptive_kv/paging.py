@@ -215,7 +215,6 @@ class PagedHeadCache:
         are ignored). Apply the moves with the compaction kernel, then
         ``commit_compaction``.
         """
-        bs = self.block_size
         lens = self.lens[rows].to(torch.int64)
         n = keep.shape[-1]
         idx = torch.arange(n, device=self.device)

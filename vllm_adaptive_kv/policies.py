@@ -186,10 +186,6 @@ class Union:
         if not self.parts:
             raise ValueError("a hybrid needs at least one part")
 
-    @property
-    def label(self) -> str:
-        return "+".join(p.name for p in self.parts)
-
     def keep_mask(self, view: SlotView) -> torch.Tensor:
         keep = self.parts[0].keep_mask(view)
         for part in self.parts[1:]:

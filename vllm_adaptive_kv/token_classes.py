@@ -60,13 +60,14 @@ def build_token_flags(tokenizer: Any, vocab_size: int | None = None) -> torch.Te
     if size <= 0:
         raise ValueError(f"vocab_size must be positive, got {size}")
     flags = torch.zeros(size, dtype=torch.uint8)
-    special = [i for i in special_token_ids(tokenizer) if 0 <= i < size]
-    flags[special] |= FLAG_SPECIAL
+    special = torch.zeros(size, dtype=torch.bool)
+    special[[i for i in special_token_ids(tokenizer) if 0 <= i < size]] = True
     decodable = min(size, len(tokenizer))
     texts = tokenizer.batch_decode([[i] for i in range(decodable)], skip_special_tokens=False)
-    punct = [i for i, text in enumerate(texts) if is_punctuation_text(text)]
-    punct = [i for i in punct if not flags[i] & FLAG_SPECIAL]
-    flags[punct] |= FLAG_PUNCT
+    punct = torch.zeros(size, dtype=torch.bool)
+    punct[:decodable] = torch.tensor([is_punctuation_text(t) for t in texts], dtype=torch.bool)
+    flags[special] |= FLAG_SPECIAL
+    flags[punct & ~special] |= FLAG_PUNCT  # a special token is never also punctuation
     return flags
 
 
