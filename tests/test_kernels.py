@@ -673,3 +673,56 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+WEIGHT_CASES = [ATTENTION_PARAMS[1], ATTENTION_PARAMS[2], ATTENTION_PARAMS[-1]]
+
+
+def _weighted_call(case, impl, weights):
+    pool, lists, queries = case.setup()
+    used = pool.used
+    before = pool.slot_score[used].clone()
+    paged_attention(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+                    pool.kv_pages, pool.slot_pos, case.head_dim**-0.5,
+                    slot_score=pool.slot_score, score_weight=weights(queries.q.shape[0]), impl=impl)
+    return (pool.slot_score[used] - before).double()
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES)
+def test_score_weight_scales_each_tokens_contribution(case: AttentionCase):
+    """Weighted accumulation = sum over tokens of weight x that token's own (unweighted) delta."""
+    pool, lists, queries = case.setup()
+    num_tokens = queries.q.shape[0]
+    gen = torch.Generator().manual_seed(case.seed)
+    weight = torch.rand(num_tokens, generator=gen)
+    weight[::2] = 0.0  # rows outside an observation window
+    got = _weighted_call(case, "torch", lambda n: weight.to(DEVICE))
+    want = torch.zeros_like(got)
+    for t in range(num_tokens):
+        one_hot = torch.zeros(num_tokens)
+        one_hot[t] = 1.0
+        want += weight[t].double() * _weighted_call(case, "torch", lambda n, w=one_hot: w.to(DEVICE))
+    tol = SCORE_TOL[case.dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert got.abs().sum() > 0
+
+
+@needs_triton
+@pytest.mark.parametrize("case", WEIGHT_CASES)
+def test_score_weight_triton_matches_reference(case: AttentionCase):
+    gen = torch.Generator().manual_seed(7)
+    weights = lambda n: (torch.rand(n, generator=gen) * (torch.arange(n) % 3 != 0)).to(DEVICE)  # noqa: E731
+    got = _weighted_call(case, "triton", weights)
+    gen.manual_seed(7)
+    want = _weighted_call(case, "torch", weights)
+    tol = SCORE_TOL[case.dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_score_weight_needs_slot_score():
+    case = ATTENTION_CASES[0]
+    pool, lists, queries = case.setup()
+    with pytest.raises(ValueError, match="score_weight"):
+        paged_attention(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+                        pool.kv_pages, pool.slot_pos, 0.125,
+                        score_weight=torch.ones(queries.q.shape[0], device=DEVICE))

@@ -21,6 +21,11 @@ observation_window  profiling: last W prompt queries used      64
 
 A key that does not apply to the chosen policy is an error, so a typo never
 silently falls back to a default.
+
+The same keys travel through vLLM's ``additional_config`` (server default, stored
+in ``KVPolicyConfig.to_dict()`` form) and ``SamplingParams.extra_args`` (per-request
+override, see ``request_policy_settings``); ``split_policy_settings`` separates
+them from keys that belong to other plugins.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ from typing import Any, Mapping
 from .policies import POLICY_NAMES, make_policy
 
 PROFILING_KEYS = {"observation_window": 64}
+
+
+def policy_fields(name: str) -> tuple[str, ...]:
+    """Hyperparameter keys of policy ``name`` (every field has a default)."""
+    return tuple(f.name for f in dataclasses.fields(make_policy(name)))
+
+
+# Every key this package reads from additional_config / extra_args; any other key
+# belongs to someone else and is passed through untouched.
+POLICY_KEYS = frozenset(
+    {"kv_policy", *PROFILING_KEYS, *(key for name in POLICY_NAMES for key in policy_fields(name))}
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,15 @@ def parse_policy_config(settings: Mapping[str, Any]) -> KVPolicyConfig:
 
 def load_policy_file(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> KVPolicyConfig:
     """Read a YAML policy file (see configs/); ``overrides`` win over the file."""
+    return parse_policy_config({**read_policy_file(path), **(overrides or {})})
+
+
+def read_policy_file(path: str | os.PathLike) -> dict:
+    """The raw mapping of a YAML policy file, not yet validated.
+
+    Separate from ``load_policy_file`` because the CLI merges ``--kv-policy`` and
+    ``--additional-config`` into it before validating.
+    """
     import yaml
 
     try:
@@ -78,8 +104,39 @@ def load_policy_file(path: str | os.PathLike, overrides: Mapping[str, Any] | Non
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ValueError(f"kv policy config file {str(path)!r} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"kv policy config file {str(path)!r} cannot be read: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"kv policy config file {str(path)!r} is not valid YAML: {err}") from None
+        detail = " ".join(str(err).split())  # PyYAML's message spans lines; errors are one line
+        raise ValueError(f"kv policy config file {str(path)!r} is not valid YAML: {detail}") from None
     if not isinstance(data, dict):
         raise ValueError(f"kv policy config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
-    return parse_policy_config({**data, **(overrides or {})})
+    return data
+
+
+def split_policy_settings(mapping: Mapping[str, Any] | None) -> tuple[dict, dict]:
+    """Split ``mapping`` into (keys in POLICY_KEYS, all other keys)."""
+    mapping = mapping or {}
+    policy = {k: v for k, v in mapping.items() if k in POLICY_KEYS}
+    other = {k: v for k, v in mapping.items() if k not in POLICY_KEYS}
+    return policy, other
+
+
+def request_policy_settings(default: Mapping[str, Any], extra_args: Mapping[str, Any] | None) -> dict:
+    """The validated ``to_dict()`` settings of one request.
+
+    ``default`` is the server's policy dict; ``extra_args`` is the request's
+    ``SamplingParams.extra_args`` (keys outside POLICY_KEYS are ignored). A request
+    that names a different ``kv_policy`` starts from that policy's own defaults,
+    because the server's hyperparameters belong to the server's policy; only the
+    server's ``observation_window`` carries over. Raises ValueError naming the bad
+    key or value and what is allowed.
+    """
+    request, _ = split_policy_settings(extra_args)
+    name = request.get("kv_policy", default.get("kv_policy"))
+    if name == default.get("kv_policy"):
+        base = dict(default)
+    else:
+        window = default.get("observation_window", PROFILING_KEYS["observation_window"])
+        base = {"kv_policy": name, "observation_window": window}
+    return parse_policy_config({**base, **request}).to_dict()

@@ -148,13 +148,13 @@ def _block_prob_colsum(q, kv_ptr, page, visible, m_safe, inv_l, group_mask,
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, token_req_ptr, q_pos_ptr, table_ptr, head_lens_ptr, kv_ptr, pos_ptr, out_ptr, score_ptr,
-    stride_q_t, stride_q_h, stride_out_t, stride_out_h,
+    weight_ptr, stride_q_t, stride_q_h, stride_out_t, stride_out_h,
     stride_table_r, stride_table_h, stride_table_page, stride_lens_r, stride_lens_h,
     stride_kv_page, stride_kv_kind, stride_kv_slot, stride_pos_page, stride_pos_slot,
     stride_score_page, stride_score_slot,
     qk_scale, head_dim, max_pages,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_MODE: tl.constexpr, ACCUMULATE_SCORE: tl.constexpr,
+    DOT_MODE: tl.constexpr, ACCUMULATE_SCORE: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
     """Grid (T, H): one program = one query token x one kv head (its G query heads)."""
     tok = tl.program_id(0).to(tl.int64)
@@ -200,6 +200,8 @@ def _paged_attention_kernel(
         # probabilities. Other tokens / programs hit the same slots, hence atomics.
         m_final = _finite_max(m_i)
         offs_n = tl.arange(0, BLOCK_SIZE)
+        if WEIGHTED:
+            inv_l = inv_l * tl.load(weight_ptr + tok)  # scales every probability of this token
         for blk in range(0, tl.cdiv(num_keys, BLOCK_SIZE)):
             page, visible = _block_visibility(table_row, stride_table_page, pos_ptr, stride_pos_page,
                                               stride_pos_slot, blk, num_keys, query_pos, BLOCK_SIZE)
@@ -274,6 +276,7 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,
     slot_score: torch.Tensor | None = None,
+    score_weight: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Causal (by original position) attention over per-head page lists, with GQA.
@@ -290,6 +293,9 @@ def paged_attention(
         out:        optional preallocated [T, Hq, D] in q's dtype (returned).
         slot_score: optional [P, bs] fp32; every visible key slot gets += its softmax
                     probability summed over the G query heads and all T queries.
+        score_weight: optional [T] fp32 (contiguous); token t's probabilities are
+                    multiplied by ``score_weight[t]`` before they are added (0 leaves
+                    the scores untouched, e.g. prompt rows outside an observation window).
         impl: "auto" | "triton" | "torch".
 
     Returns ``out``: softmax(scale * q.k) over visible keys times v, accumulated in fp32.
@@ -304,14 +310,22 @@ def paged_attention(
     check_shape("out", out, tuple(q.shape))
     check_last_dim_contiguous("out", out)
     check_pool(kv_pages, slot_score=slot_score)
+    if score_weight is not None:
+        if slot_score is None:
+            raise ValueError("score_weight was given without slot_score: allowed only with slot_score")
+        check_tensor("score_weight", score_weight, torch.float32, dim=1, device=q.device)
+        check_shape("score_weight", score_weight, (num_tokens,))
+        check_last_dim_contiguous("score_weight", score_weight)
     if not use_triton(impl, _paged_attention_kernel, q.device):
         return paged_attention_reference(q, token_req, q_pos, page_table, head_lens, kv_pages,
-                                         slot_pos, scale, out=out, slot_score=slot_score)
+                                         slot_pos, scale, out=out, slot_score=slot_score,
+                                         score_weight=score_weight)
     if num_tokens == 0:
         return out
     score = slot_score if slot_score is not None else slot_pos  # dummy pointer when unused
+    weight = score_weight if score_weight is not None else q_pos  # dummy pointer when unused
     _paged_attention_kernel[(num_tokens, num_heads)](
-        q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, out, score,
+        q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, out, score, weight,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         page_table.stride(0), page_table.stride(1), page_table.stride(2),
         head_lens.stride(0), head_lens.stride(1),
@@ -320,6 +334,7 @@ def paged_attention(
         score.stride(0), score.stride(1),
         float(scale) * LOG2E, head_dim, page_table.shape[2],
         ACCUMULATE_SCORE=slot_score is not None,
+        WEIGHTED=score_weight is not None,
         **attention_launch_constants(q, group, head_dim, kv_pages.shape[2], _paged_attention_kernel),
     )
     return out
@@ -378,6 +393,7 @@ def paged_attention_reference(
     scale: float,
     out: torch.Tensor | None = None,
     slot_score: torch.Tensor | None = None,
+    score_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch version of :func:`paged_attention` (same arguments, minus ``impl``).
 
@@ -401,5 +417,8 @@ def paged_attention_reference(
         attn = torch.einsum("thgs,thsd->thgd", probs, values)
         out[chunk] = attn.reshape(-1, num_q_heads, head_dim).to(out.dtype)
         if slot_score is not None:
-            slot_score.index_put_((chunk_page, offset), probs.sum(2), accumulate=True)
+            col = probs.sum(2)  # [t, H, S]
+            if score_weight is not None:
+                col = col * score_weight[chunk, None, None]
+            slot_score.index_put_((chunk_page, offset), col, accumulate=True)
     return out

@@ -1,0 +1,24 @@
+"""vLLM glue: a thin layer over the pure core, loaded as a vLLM general plugin.
+
+``register`` runs once per process (frontend, engine core, every worker). It
+only installs the ``--kv-policy`` CLI flags and engine-argument checks; the worker, connector and attention backend
+are switched on by ``engine_args`` only when a kv policy is configured, so
+vanilla vLLM runs are untouched.
+"""
+
+from __future__ import annotations
+
+_REGISTERED = False
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    from .engine_args import install_engine_arg_hooks
+
+    # The spec type registers itself when vllm_adaptive_kv.plugin.spec is imported
+    # (by the attention backend in workers, by unpickling in the engine core), so
+    # processes that never use a kv policy import nothing more than this.
+    install_engine_arg_hooks()

@@ -1,0 +1,253 @@
+"""The worker -> scheduler channel: a KV connector that moves no KV at all.
+
+vLLM's KV connector is the one out-of-tree, two-way path between the scheduler
+and every worker: each step all TP ranks reply, and their
+``KVConnectorWorkerMetadata`` are merged with ``aggregate`` before the scheduler
+sees them. We use it to carry ``StepReport``s (pages held per request) to the
+``AdaptiveKVManager`` and our statistics to the metrics loggers::
+
+    worker (each rank)                      scheduler (engine core)
+    HeadCacheRuntime.finish_step ─┐
+      set_step_report(report)     │ build_connector_worker_meta
+                                  └──> ReportMeta ──aggregate over ranks──>
+                                       update_connector_output -> manager.apply_report
+                                       request_finished        -> kept_fraction
+                                       get_kv_connector_stats  -> AdaptiveKVStats
+                                                                   -> /metrics, log lines
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+from ..runtime import StepReport
+from .spec import AdaptiveKVManager, HeldPages
+
+KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+class EmptyMeta(KVConnectorMetadata):
+    """Scheduler -> worker: nothing; the runner reads the SchedulerOutput itself."""
+
+
+@dataclass
+class ReportMeta(KVConnectorWorkerMetadata):
+    """One step's reports of one rank, or of several ranks once aggregated.
+
+    requests: req_id -> [pages_held, full_lists, slots_held, tokens]; pages and full
+    lists take the fullest rank (the scheduler must fit it), slots add up.
+    """
+
+    requests: dict[str, list[int]] = field(default_factory=dict)
+    evicted_tokens: int = 0
+    head_policy: dict[str, int] = field(default_factory=dict)
+    pages_free: int = 0
+
+    @classmethod
+    def from_report(cls, report: StepReport) -> "ReportMeta":
+        return cls({k: list(v) for k, v in report.requests.items()}, report.evicted_tokens,
+                   dict(report.head_policy_counts), report.pages_free)
+
+    def aggregate(self, other: "ReportMeta") -> "ReportMeta":
+        merged = {k: list(v) for k, v in self.requests.items()}
+        for req_id, (pages, full, slots, tokens) in other.requests.items():
+            mine = merged.setdefault(req_id, [0, 0, 0, tokens])
+            mine[0], mine[1] = max(mine[0], pages), max(mine[1], full)
+            mine[2] += slots
+        policy = Counter(self.head_policy) + Counter(other.head_policy)
+        return ReportMeta(merged, self.evicted_tokens + other.evicted_tokens, dict(policy),
+                          self.pages_free + other.pages_free)
+
+
+@dataclass
+class AdaptiveKVStats(KVConnectorStats):
+    """Stats since the last read: kept fractions of finished requests, evicted
+    tokens, per-head decisions and the latest free page count."""
+
+    def __post_init__(self) -> None:
+        self.data.setdefault("kept_fraction", [])
+        self.data.setdefault("evicted_tokens", 0)
+        self.data.setdefault("head_policy", {})
+        self.data.setdefault("pages_free", None)
+
+    def reset(self) -> None:
+        self.data = {}
+        self.__post_init__()
+
+    def aggregate(self, other: "KVConnectorStats") -> "KVConnectorStats":
+        data = other.data
+        self.data["kept_fraction"] = self.data["kept_fraction"] + list(data.get("kept_fraction", []))
+        self.data["evicted_tokens"] += int(data.get("evicted_tokens", 0))
+        self.data["head_policy"] = dict(Counter(self.data["head_policy"]) + Counter(data.get("head_policy", {})))
+        if data.get("pages_free") is not None:
+            self.data["pages_free"] = data["pages_free"]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        kept = self.data["kept_fraction"]
+        out: dict[str, int | float] = {"evicted_tokens": self.data["evicted_tokens"]}
+        if kept:
+            out["finished"] = len(kept)
+            out["mean_kept_fraction"] = round(sum(kept) / len(kept), 4)
+        if self.data["pages_free"] is not None:
+            out["pages_free"] = self.data["pages_free"]
+        for name, count in sorted(self.data["head_policy"].items()):
+            out[f"heads_{name}"] = count
+        return out
+
+    def is_empty(self) -> bool:
+        d = self.data
+        return not d["kept_fraction"] and not d["evicted_tokens"] and not d["head_policy"] and d["pages_free"] is None
+
+
+class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
+    """``vllm_adaptive_kv:*`` metrics on the server's /metrics."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self.kept = self._histogram_cls(
+            name="vllm_adaptive_kv:kept_fraction", buckets=list(KEPT_FRACTION_BUCKETS),
+            documentation="KV tokens held at a request's end over what the full cache would hold "
+                          "(summed over layers and KV heads); one observation per finished request.",
+            labelnames=labelnames)
+        self.evicted = self._counter_cls(
+            name="vllm_adaptive_kv:evicted_tokens", labelnames=labelnames,
+            documentation="Per-(layer, KV head) token slots evicted.")
+        self.head_policy = self._counter_cls(
+            name="vllm_adaptive_kv:head_policy", labelnames=labelnames + ["policy"],
+            documentation="Per-(layer, KV head) policy decisions at the end of a prompt.")
+        self.pages_free = self._gauge_cls(
+            name="vllm_adaptive_kv:pages_free", labelnames=labelnames, multiprocess_mode="mostrecent",
+            documentation="Free per-(layer, KV head) pages in the pool (all TP ranks).")
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = self.per_engine_labelvalues[engine_idx]
+        for value in transfer_stats_data.get("kept_fraction", []):
+            self.kept.labels(*labels).observe(value)
+        evicted = int(transfer_stats_data.get("evicted_tokens", 0))
+        if evicted:
+            self.evicted.labels(*labels).inc(evicted)
+        for name, count in transfer_stats_data.get("head_policy", {}).items():
+            self.head_policy.labels(*labels, name).inc(count)
+        if transfer_stats_data.get("pages_free") is not None:
+            self.pages_free.labels(*labels).set(transfer_stats_data["pages_free"])
+
+
+class AdaptiveKVConnector(KVConnectorBase_V1):
+    """Scheduler and worker halves of the report channel (see the module docstring)."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._pending_report: StepReport | None = None
+        self._manager: AdaptiveKVManager | None = None
+        self._last: dict[str, list[int]] = {}
+        self._finishing: set[str] = set()
+        self._stats = AdaptiveKVStats()
+        self._total_lists = self._count_lists(vllm_config, kv_cache_config)
+
+    @staticmethod
+    def _count_lists(vllm_config, kv_cache_config) -> int:
+        """L x H over all TP ranks: the denominator of kept_fraction."""
+        if kv_cache_config is None or not kv_cache_config.kv_cache_groups:
+            return 0
+        group = kv_cache_config.kv_cache_groups[0]
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        return len(group.layer_names) * group.kv_cache_spec.num_kv_heads * tp
+
+    # --- worker side ------------------------------------------------------------
+
+    def set_step_report(self, report: StepReport) -> None:
+        self._pending_report = report
+
+    def build_connector_worker_meta(self) -> ReportMeta | None:
+        report, self._pending_report = self._pending_report, None
+        return ReportMeta.from_report(report) if report is not None else None
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None
+
+    # --- scheduler side -----------------------------------------------------------
+
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        managers = [m for m in kv_cache_manager.coordinator.single_type_managers
+                    if isinstance(m, AdaptiveKVManager)]
+        if len(managers) != 1:
+            raise RuntimeError(f"expected one AdaptiveKVManager, found {len(managers)}: "
+                               "the attention backend did not mark the KV-cache spec")
+        self._manager = managers[0]
+        tp = self._vllm_config.parallel_config.tensor_parallel_size
+        self._manager.configure(self._total_lists // tp)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        return None
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return EmptyMeta()
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, ReportMeta):
+            self._apply(meta)
+        for req_id in self._finishing:
+            self._observe_finished(req_id)
+        self._finishing.clear()
+
+    def _apply(self, meta: ReportMeta) -> None:
+        for req_id, values in meta.requests.items():
+            pages, full_lists, _, tokens = values
+            self._last[req_id] = values
+            if self._manager is not None:
+                self._manager.apply_report(req_id, HeldPages(tokens, pages, full_lists))
+        self._stats.aggregate(AdaptiveKVStats(data={
+            "evicted_tokens": meta.evicted_tokens, "head_policy": meta.head_policy,
+            "pages_free": meta.pages_free}))
+
+    def request_finished(self, request, block_ids):
+        # The request's last report comes with this step's output, after this call.
+        self._finishing.add(request.request_id)
+        return False, None
+
+    def _observe_finished(self, req_id: str) -> None:
+        values = self._last.pop(req_id, None)
+        if values is None or not self._total_lists or values[3] <= 0:
+            return
+        self._stats.data["kept_fraction"].append(values[2] / (values[3] * self._total_lists))
+
+    def get_kv_connector_stats(self) -> AdaptiveKVStats | None:
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, AdaptiveKVStats()
+        return stats
+
+    # --- loggers (frontend) -----------------------------------------------------------
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> AdaptiveKVStats:
+        return AdaptiveKVStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return AdaptiveKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

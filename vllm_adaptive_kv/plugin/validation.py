@@ -1,0 +1,77 @@
+"""Per-request kv policy settings checked when a request arrives (HTTP 400, not a dead engine).
+
+vLLM calls ``LogitsProcessor.validate_params`` of every custom logits processor in
+the frontend's InputProcessor, before a request reaches the engine core. That is
+the only request-validation hook it offers, so the check rides on a no-op logits
+processor, which ``engine_args`` adds to ``logits_processors`` when a kv policy is
+configured.
+
+``validate_params`` receives only the SamplingParams. The server's default policy
+is looked up, in order, from the current vLLM config (unset in the frontend in
+vLLM 0.32), then from the last engine config this process built (``LLM``, and
+``vllm serve`` / ``run-batch`` with one API server). A process that built none
+(extra API-server processes) checks each request key against the policy the
+request names, or else against a policy that has the key; the engine re-checks
+against the real default.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from ..config import parse_policy_config, policy_fields, request_policy_settings, split_policy_settings
+from ..policies import POLICY_NAMES
+from .engine_args import policy_settings_of, remembered_policy_settings
+
+
+class RequestPolicyValidator(LogitsProcessor):
+    """Rejects bad kv policy keys in ``SamplingParams.extra_args``; changes no logits."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        request, _ = split_policy_settings(sampling_params.extra_args)
+        if not request:
+            return
+        try:
+            check_request_settings(request, server_policy_settings())
+        except ValueError as err:
+            raise VLLMValidationError(f"kv policy settings of the request (extra_args / vllm_xargs): {err}") from None
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        pass
+
+
+def server_policy_settings() -> dict | None:
+    """The server's default policy dict as far as this process knows it, or None."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    current = get_current_vllm_config_or_none()
+    settings = policy_settings_of(current) if current is not None else None
+    return settings or remembered_policy_settings()
+
+
+def check_request_settings(request: dict, default: dict | None) -> None:
+    """Raise ValueError naming a bad request key or value; ``request`` holds only policy keys."""
+    if default is not None:
+        request_policy_settings(default, request)
+    elif "kv_policy" in request:
+        parse_policy_config(request)
+    else:
+        for key, value in request.items():
+            parse_policy_config({"kv_policy": owner_of(key), key: value})
+
+
+def owner_of(key: str) -> str:
+    """A policy that has hyperparameter ``key`` (any policy for observation_window)."""
+    return next((name for name in POLICY_NAMES if key in policy_fields(name)), POLICY_NAMES[0])

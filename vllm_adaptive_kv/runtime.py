@@ -1,0 +1,416 @@
+"""Worker-side engine state: the per-head page pool, one engine step at a time.
+
+``HeadCacheRuntime`` is what an inference engine's worker drives; it knows
+nothing of vLLM. One step::
+
+    plan_step(requests, tokens)     allocate this step's slots in every head list
+                                    -> StepMetadata (shared by every layer)
+    attend(layer, q, k, v, out)     x L: write K/V, attention over the head lists,
+                                    accumulate attention scores where a policy needs them
+    finish_step(meta)               prompt complete -> profile + evict + compact;
+                                    every ``block_size`` decode tokens -> re-evict;
+                                    -> StepReport (pages held per request, for the scheduler)
+    release(req_ids)                finish / abort / preemption: every page back at once
+
+Rows: each live request owns one row of the page tables (``PagedHeadCache``).
+
+Scores: a slot's score is the attention it received from the request's
+*observation rows*: prompt positions ``>= prompt_len - observation_window`` and
+every later token. At the prompt's end these are exactly the window column sums
+FastGen profiling needs (``profile_window``); afterwards they keep accumulating
+for the frequent / heavy-hitter components.
+
+Decode-time eviction is lazy: a request's lists are re-evicted every
+``block_size`` tokens after its prompt, so a head may hold up to one page of
+tokens its policy would already have dropped (the approximation of DESIGN.md 4).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import KVPolicyConfig, parse_policy_config
+from .layout import KVPool
+from .paging import PagedHeadCache
+from .policies import FastGen, SlotView
+from .profiler import FastGenProfiler
+from .triton_kernels.compaction import compact_slots
+from .triton_kernels.paged_attention import paged_attention, paged_attention_reference
+from .triton_kernels.write_kv import write_kv
+
+SCORING_POLICIES = ("fastgen", "h2o", "snapkv")
+
+# Bound on the fp32 elements of one prefill attention block on the torch path
+# ([H, G, tokens, slots] logits); longer chunks are split over their tokens.
+_PREFILL_BLOCK_ELEMS = 1 << 25
+
+
+@dataclass
+class RowState:
+    """Host-side facts of one live request (all known without reading the device)."""
+
+    req_id: str
+    config: KVPolicyConfig
+    prompt_len: int
+    tokens: int = 0  # tokens written to its lists so far (before eviction)
+    profiled: bool = False  # prompt-end eviction done
+    since_evict: int = 0  # tokens appended since the last eviction
+
+    @property
+    def window_start(self) -> int:
+        return max(0, self.prompt_len - self.config.observation_window)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.config.name in SCORING_POLICIES
+
+
+@dataclass
+class StepMetadata:
+    """Device tensors of one step, shared by every layer (T tokens, R requests).
+
+    token_row     [T] int32  page-table row of each token's request
+    positions     [T] int32  original positions
+    flags         [T] uint8  token-class bits
+    slot_mapping  [L, T, H] int64 slot of token t in list (row, l, h)
+    score_weight  [T] fp32 or None (None: no request of the step accumulates scores)
+    decode_index  [Td] int64 tokens of one-token requests; decode_rows [Td] their rows
+    prefill_spans (row, start, end) of requests with several tokens (host ints)
+    width         page-table columns any list of the step can use (host bound)
+    """
+
+    req_ids: list[str]
+    rows: list[int]
+    num_tokens: list[int]
+    token_row: torch.Tensor
+    positions: torch.Tensor
+    flags: torch.Tensor
+    slot_mapping: torch.Tensor
+    score_weight: torch.Tensor | None
+    decode_index: torch.Tensor
+    decode_rows: torch.Tensor
+    prefill_spans: list[tuple[int, int, int]]
+    width: int
+
+
+@dataclass
+class StepReport:
+    """What the scheduler needs after a step; plain Python values (picklable).
+
+    requests: req_id -> (pages_held, lists_with_full_last_page, slots_held, tokens)
+    """
+
+    requests: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    evicted_tokens: int = 0
+    head_policy_counts: dict[str, int] = field(default_factory=dict)
+    pages_free: int = 0
+
+
+class HeadCacheRuntime:
+    """The pool, the page tables and the policies of one worker (one TP rank)."""
+
+    def __init__(
+        self,
+        pool: KVPool,
+        num_layers: int,
+        num_kv_heads: int,
+        query_group: int,
+        max_reqs: int,
+        max_model_len: int,
+        token_flags: torch.Tensor,
+        default_settings: dict,
+        impl: str = "auto",
+    ) -> None:
+        self.pool = pool
+        self.query_group = query_group  # query heads per kv head
+        self.block_size = pool.block_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        width = -(-max_model_len // pool.block_size) + 1
+        self.cache = PagedHeadCache(pool.num_pages, pool.block_size, num_layers, num_kv_heads,
+                                    width, max_reqs, device=pool.kv_pages.device)
+        self.choice = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64,
+                                  device=pool.kv_pages.device)
+        self.token_flags = token_flags.to(pool.kv_pages.device)
+        self.default_settings = dict(default_settings)
+        self.default_config = parse_policy_config(self.default_settings)
+        self.impl = impl
+        self.rows: dict[str, int] = {}
+        self.state: dict[int, RowState] = {}
+        self._free_rows = list(range(max_reqs - 1, -1, -1))
+        self._evicted = torch.zeros((), dtype=torch.int64, device=pool.kv_pages.device)
+        self._decisions: Counter = Counter()
+
+    # --- requests ------------------------------------------------------------
+
+    def check_add(self, req_id: str) -> None:
+        if req_id in self.rows:
+            raise ValueError(f"request {req_id!r} is already live")
+        if not self._free_rows:
+            raise RuntimeError(f"no free request row: all {self.cache.shape[0]} rows are live")
+
+    def add(self, req_id: str, prompt_len: int, config: KVPolicyConfig | None = None) -> int:
+        """Give a request a row; ``config`` None = the runtime's default policy."""
+        self.check_add(req_id)
+        row = self._free_rows.pop()
+        self.rows[req_id] = row
+        self.state[row] = RowState(req_id, config or self.default_config, int(prompt_len))
+        return row
+
+    def release(self, req_ids) -> None:
+        """Return every page of these requests (unknown ids are ignored)."""
+        rows = [self.rows.pop(r) for r in req_ids if r in self.rows]
+        if not rows:
+            return
+        self.cache.release(torch.tensor(rows, dtype=torch.int64, device=self.cache.device))
+        for row in rows:
+            del self.state[row]
+            self._free_rows.append(row)
+
+    # --- one step ---------------------------------------------------------------
+
+    def plan_step(self, req_ids: list[str], num_tokens: list[int], positions: torch.Tensor,
+                  token_ids: torch.Tensor) -> StepMetadata:
+        """Allocate slots for ``num_tokens[i]`` new tokens of each (live) request.
+
+        positions / token_ids: [T] for the step's tokens, requests in ``req_ids`` order.
+        """
+        device = self.cache.device
+        rows = [self.rows[r] for r in req_ids]
+        total = int(sum(num_tokens))
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
+        counts = torch.tensor(num_tokens, dtype=torch.int64, device=device)
+        slot_mapping = self.cache.allocate(rows_t, counts, total, max(num_tokens, default=0))
+        token_row = torch.repeat_interleave(rows_t, counts, output_size=total).to(torch.int32)
+        positions = positions[:total].to(torch.int32)
+        flags = self.token_flags[token_ids[:total].long().clamp(0, self.token_flags.numel() - 1)]
+        states = [self.state[r] for r in rows]
+        meta = StepMetadata(
+            req_ids=list(req_ids), rows=rows, num_tokens=list(num_tokens),
+            token_row=token_row, positions=positions, flags=flags, slot_mapping=slot_mapping,
+            score_weight=self._score_weight(states, counts, positions, token_row),
+            decode_index=torch.empty(0, dtype=torch.int64, device=device),
+            decode_rows=torch.empty(0, dtype=torch.int64, device=device),
+            prefill_spans=[], width=0,
+        )
+        self._split_decode_prefill(meta, states)
+        for st, n in zip(states, num_tokens):
+            st.tokens += n
+            if st.profiled:
+                st.since_evict += n
+        meta.width = min(self.cache.width, -(-max((s.tokens for s in states), default=0) // self.block_size))
+        return meta
+
+    def _score_weight(self, states, counts, positions, token_row) -> torch.Tensor | None:
+        """1 for observation rows of scoring requests, else 0; None if nobody scores."""
+        if not any(s.needs_scores for s in states):
+            return None
+        device = positions.device
+        starts = torch.tensor([s.window_start if s.needs_scores else 1 << 30 for s in states],
+                              dtype=torch.int32, device=device)
+        per_token = torch.repeat_interleave(starts, counts, output_size=positions.numel())
+        return (positions >= per_token).to(torch.float32)
+
+    def _split_decode_prefill(self, meta: StepMetadata, states) -> None:
+        """The torch path batches one-token requests and runs longer ones one by one."""
+        decode, decode_rows, start = [], [], 0
+        for row, n in zip(meta.rows, meta.num_tokens):
+            if n == 1:
+                decode.append(start)
+                decode_rows.append(row)
+            elif n > 1:
+                meta.prefill_spans.append((row, start, start + n))
+            start += n
+        device = self.cache.device
+        meta.decode_index = torch.tensor(decode, dtype=torch.int64, device=device)
+        meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
+        """Write this layer's K/V of the step, then attention of every query.
+
+        q [T, Hq, D], k / v [T, H, D], out [T, Hq, D] (written).
+        """
+        pool = self.pool
+        write_kv(k, v, meta.slot_mapping[layer], meta.positions, meta.flags, pool.kv_pages,
+                 pool.slot_pos, pool.slot_flags, pool.slot_score, impl=self.impl)
+        score = pool.slot_score if meta.score_weight is not None else None
+        if self._use_kernels():
+            return paged_attention(q, meta.token_row, meta.positions, self.cache.table[:, layer],
+                                   self.cache.lens[:, layer], pool.kv_pages, pool.slot_pos, scale,
+                                   out=out, slot_score=score, score_weight=meta.score_weight,
+                                   impl="triton")
+        self._attend_decode_torch(layer, q, out, meta, scale, score)
+        for row, start, end in meta.prefill_spans:
+            weight = meta.score_weight[start:end] if score is not None else None
+            out[start:end] = self._attend_prefill_torch(layer, row, q[start:end],
+                                                        meta.positions[start:end], meta.width,
+                                                        scale, score, weight)
+        return out
+
+    def _use_kernels(self) -> bool:
+        return self.impl == "triton" or (self.impl == "auto" and self.pool.kv_pages.is_cuda)
+
+    def _attend_decode_torch(self, layer, q, out, meta, scale, score) -> None:
+        index = meta.decode_index
+        if index.numel() == 0:
+            return
+        rows = meta.decode_rows
+        table = self.cache.table[rows, layer, :, : max(meta.width, 1)]
+        local = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
+        weight = meta.score_weight[index] if score is not None else None
+        out[index] = paged_attention_reference(q[index], local, meta.positions[index], table,
+                                               self.cache.lens[rows, layer], self.pool.kv_pages,
+                                               self.pool.slot_pos, scale, slot_score=score,
+                                               score_weight=weight)
+
+    def _attend_prefill_torch(self, layer, row, q, q_pos, width, scale, score, weight):
+        """One request's chunk: gather its lists once, then dense masked attention.
+
+        q [t, Hq, D] -> [t, Hq, D]. Lists are gathered as [H, S = width * bs, D].
+        """
+        pool, bs = self.pool, self.block_size
+        page = self.cache.table[row, layer, :, :width].long()  # [H, Wb]
+        num_heads, head_dim = page.shape[0], q.shape[-1]
+        group = q.shape[1] // num_heads
+        valid_page = page >= 0
+        page = page.clamp_min(0)
+        keys = pool.kv_pages[page, 0].reshape(num_heads, -1, head_dim).float()
+        slot_valid = (torch.arange(width * bs, device=q.device) < self.cache.lens[row, layer][:, None])
+        slot_valid &= valid_page.repeat_interleave(bs, dim=1)
+        values = pool.kv_pages[page, 1].reshape(num_heads, -1, head_dim).float()
+        values = values.masked_fill(~slot_valid[..., None], 0.0)  # unlisted slots may hold NaN
+        key_pos = pool.slot_pos[page].reshape(num_heads, -1)
+        out = torch.empty_like(q)
+        step = max(1, _PREFILL_BLOCK_ELEMS // max(1, num_heads * group * keys.shape[1]))
+        for lo in range(0, q.shape[0], step):
+            hi = min(lo + step, q.shape[0])
+            qg = q[lo:hi].float().view(hi - lo, num_heads, group, head_dim).permute(1, 2, 0, 3)
+            visible = slot_valid[:, None, :] & (key_pos[:, None, :] <= q_pos[lo:hi, None])  # [H, t, S]
+            logits = torch.matmul(qg, keys.transpose(1, 2)[:, None]) * scale  # [H, G, t, S]
+            logits.masked_fill_(~visible[:, None], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out[lo:hi] = torch.matmul(probs, values[:, None]).permute(2, 0, 1, 3).reshape(
+                hi - lo, -1, head_dim).to(out.dtype)
+            if score is not None:
+                col = (probs.sum(1) * weight[lo:hi][None, :, None]).sum(1)  # [H, S]
+                score.view(-1).index_put_((self._slot_ids(page),), col.reshape(-1), accumulate=True)
+        return out
+
+    def _slot_ids(self, page: torch.Tensor) -> torch.Tensor:
+        """Flat slot ids of every slot of pages [H, Wb] -> [H * Wb * bs] int64."""
+        offs = torch.arange(self.block_size, device=page.device)
+        return (page[..., None] * self.block_size + offs).reshape(-1)
+
+    # --- after the forward pass -----------------------------------------------------
+
+    def finish_step(self, meta: StepMetadata) -> StepReport:
+        """Evict where due, then report what every request of the step holds."""
+        due_prompt = [r for r in meta.rows if not self.state[r].profiled
+                      and self.state[r].tokens >= self.state[r].prompt_len]
+        due_decode = [r for r in meta.rows if self.state[r].profiled
+                      and self.state[r].since_evict >= self.block_size]
+        if due_prompt:
+            self._evict(due_prompt, at_prompt_end=True)
+        if due_decode:
+            self._evict(due_decode, at_prompt_end=False)
+        for r in due_prompt:
+            self.state[r].profiled = True
+        for r in due_prompt + due_decode:
+            self.state[r].since_evict = 0
+        return self._report(meta)
+
+    def _report(self, meta: StepMetadata) -> StepReport:
+        rows = torch.tensor(meta.rows, dtype=torch.int64, device=self.cache.device)
+        lens = self.cache.lens[rows].to(torch.int64)  # [R, L, H]
+        bs = self.block_size
+        held = ((lens + bs - 1) // bs).sum(dim=(1, 2))
+        full_last = (lens % bs == 0).sum(dim=(1, 2))
+        slots = lens.sum(dim=(1, 2))
+        per_req = torch.stack([held, full_last, slots]).T.tolist()  # the step's one host read
+        extra = torch.stack([self._evicted, self.cache.num_free.reshape(())]).tolist()
+        self._evicted.zero_()
+        report = StepReport(evicted_tokens=int(extra[0]), pages_free=int(extra[1]),
+                            head_policy_counts=dict(self._decisions))
+        self._decisions.clear()
+        for req_id, row, values in zip(meta.req_ids, meta.rows, per_req):
+            report.requests[req_id] = (*values, self.state[row].tokens)
+        return report
+
+    def _evict(self, rows: list[int], at_prompt_end: bool) -> None:
+        """Apply each request's policy to its lists and compact them (batched per policy)."""
+        groups: dict[KVPolicyConfig, list[int]] = {}
+        for r in rows:
+            groups.setdefault(self.state[r].config, []).append(r)
+        for config, group_rows in groups.items():
+            if config.name == "full":
+                if at_prompt_end:
+                    self._decisions["full"] += len(group_rows) * self.num_layers * self.num_kv_heads
+                continue
+            self._evict_group(config, group_rows, at_prompt_end)
+
+    def _evict_group(self, config: KVPolicyConfig, rows: list[int], at_prompt_end: bool) -> None:
+        device = self.cache.device
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
+        num_slots = max(self.state[r].tokens for r in rows)
+        view = self._slot_view(rows_t, [self.state[r].tokens for r in rows], num_slots)
+        keep = self._keep_mask(config, rows, rows_t, view, at_prompt_end)
+        before = self.cache.lens[rows_t].to(torch.int64).sum()
+        plan = self.cache.plan_compaction(rows_t, keep.view(len(rows), self.num_layers,
+                                                            self.num_kv_heads, num_slots))
+        pool = self.pool
+        compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score,
+                      plan.src_slot, plan.dst_slot, plan.num_moves, impl=self.impl)
+        self.cache.commit_compaction(plan)
+        self._evicted += before - plan.new_lens.to(torch.int64).sum()
+
+    def _keep_mask(self, config, rows, rows_t, view: SlotView, at_prompt_end: bool) -> torch.Tensor:
+        policy = config.policy
+        if not isinstance(policy, FastGen):
+            if at_prompt_end:
+                self._decisions[config.name] += view.lengths.numel()
+            return policy.keep_mask(view)
+        shape = (len(rows), self.num_layers, self.num_kv_heads)
+        if not at_prompt_end:
+            return policy.keep_mask(view, self.choice[rows_t].reshape(-1))
+        group_rows = torch.tensor(
+            [self.state[r].tokens - self.state[r].window_start for r in rows],
+            dtype=torch.int64, device=rows_t.device)
+        window_rows = (group_rows * self.query_group)[:, None].expand(shape[0], shape[1] * shape[2])
+        profile = FastGenProfiler(policy).profile_window(view, view.scores, window_rows.reshape(-1))
+        self.choice[rows_t] = profile.choice.view(shape)
+        counts = torch.bincount(profile.choice, minlength=len(FastGen.ladder)).tolist()
+        for name, count in zip(FastGen.ladder, counts):
+            self._decisions[name] += count
+        return profile.keep
+
+    def _slot_view(self, rows_t: torch.Tensor, tokens: list[int], num_slots: int) -> SlotView:
+        """SlotView of every list of ``rows_t``, flattened (row, layer, head), N = num_slots."""
+        bs, pool = self.block_size, self.pool
+        logical = torch.arange(num_slots, device=rows_t.device)
+        table = self.cache.table[rows_t]  # [R, L, H, W]
+        page = table[..., logical // bs].long().clamp_min(0)  # [R, L, H, N]
+        offset = (logical % bs).expand_as(page)
+        per_row = self.num_layers * self.num_kv_heads
+        seq_len = torch.tensor(tokens, dtype=torch.int64, device=rows_t.device)
+        return SlotView(
+            flags=pool.slot_flags[page, offset].reshape(-1, num_slots),
+            positions=pool.slot_pos[page, offset].reshape(-1, num_slots).to(torch.int64),
+            scores=pool.slot_score[page, offset].reshape(-1, num_slots),
+            lengths=self.cache.lens[rows_t].reshape(-1).to(torch.int64),
+            seq_len=seq_len.repeat_interleave(per_row),
+        )
+
+    # --- checks -------------------------------------------------------------------------
+
+    def pages_in_use(self) -> int:
+        return self.cache.num_pages - int(self.cache.num_free)
+
+    def config_for(self, overrides: dict | None) -> KVPolicyConfig:
+        """The policy of a request: the default, or a validated per-request override."""
+        if not overrides:
+            return self.default_config
+        return parse_policy_config(overrides)
