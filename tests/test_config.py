@@ -45,3 +45,76 @@ def test_bad_files_are_named(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         load_policy_file(bad)
+
+
+# --- keys shared with vLLM's additional_config / extra_args ------------------------------
+
+
+def test_policy_keys_cover_every_policy_and_profiling_key():
+    from vllm_adaptive_kv.config import POLICY_KEYS, policy_fields
+
+    assert {"kv_policy", "observation_window", "recovery_ratio", "sink_tokens", "pool_kernel"} <= POLICY_KEYS
+    for name in POLICY_NAMES:
+        assert set(policy_fields(name)) <= POLICY_KEYS
+
+
+def test_split_policy_settings_keeps_foreign_keys_apart():
+    from vllm_adaptive_kv.config import split_policy_settings
+
+    policy, other = split_policy_settings({"kv_policy": "h2o", "budget_ratio": 0.4, "lora_dir": "/x"})
+    assert policy == {"kv_policy": "h2o", "budget_ratio": 0.4} and other == {"lora_dir": "/x"}
+    assert split_policy_settings(None) == ({}, {})
+
+
+def test_read_policy_file_returns_the_raw_mapping(tmp_path):
+    from vllm_adaptive_kv.config import read_policy_file
+
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("recovery_ratio: 0.9\n")  # no kv_policy: the CLI may add it
+    assert read_policy_file(partial) == {"recovery_ratio": 0.9}
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1\n")
+    with pytest.raises(ValueError, match="is not valid YAML") as caught:
+        read_policy_file(broken)
+    assert "\n" not in str(caught.value)
+
+
+FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 0.2, "frequent_ratio": 0.3,
+                  "observation_window": 32}
+
+
+@pytest.mark.parametrize(
+    "extra_args, expected",
+    [
+        (None, FASTGEN_SERVER),
+        ({"unrelated": 1}, FASTGEN_SERVER),
+        ({"local_ratio": 0.1}, {**FASTGEN_SERVER, "local_ratio": 0.1}),
+        ({"kv_policy": "fastgen", "frequent_ratio": 0.5}, {**FASTGEN_SERVER, "frequent_ratio": 0.5}),
+        # another policy starts from its own defaults; only observation_window carries over
+        ({"kv_policy": "h2o"}, {"kv_policy": "h2o", "budget_ratio": 0.5, "recent_fraction": 0.5,
+                                "observation_window": 32}),
+        ({"kv_policy": "streamingllm", "sink_tokens": 8, "observation_window": 16},
+         {"kv_policy": "streamingllm", "budget_ratio": 0.5, "sink_tokens": 8, "observation_window": 16}),
+    ],
+)
+def test_request_policy_settings(extra_args, expected):
+    from vllm_adaptive_kv.config import request_policy_settings
+
+    assert request_policy_settings(FASTGEN_SERVER, extra_args) == expected
+
+
+@pytest.mark.parametrize(
+    "extra_args, message",
+    [
+        ({"recovery_ratio": 1.5}, r"recovery_ratio=1.5 is invalid: allowed values are numbers in \(0, 1\]"),
+        ({"budget_ratio": 0.5}, "unknown hyperparameter.*budget_ratio.*allowed keys"),
+        ({"kv_policy": "h2o", "recovery_ratio": 0.9}, "unknown hyperparameter.*recovery_ratio.*kv_policy='h2o'"),
+        ({"kv_policy": "bogus"}, "kv_policy='bogus' is unknown: allowed values are full, fastgen"),
+        ({"observation_window": 0}, "observation_window=0"),
+    ],
+)
+def test_request_policy_settings_names_bad_values(extra_args, message):
+    from vllm_adaptive_kv.config import request_policy_settings
+
+    with pytest.raises(ValueError, match=message):
+        request_policy_settings(FASTGEN_SERVER, extra_args)

@@ -2,7 +2,8 @@
 
     vllm-adaptive-kv model prepare [NAME] [--cache-dir DIR]   convert once; path on stdout's last line
     vllm-adaptive-kv model list                               known model names
-    vllm-adaptive-kv demo [ARGS...]                           vllm_adaptive_kv.demo.main(ARGS)
+    vllm-adaptive-kv demo [ARGS...]                           vllm_adaptive_kv.batch_demo.main(ARGS)
+    vllm-adaptive-kv demo-core [ARGS...]                      vllm_adaptive_kv.demo.main(ARGS)
 
 Commands that live in their own module (demo, and later eval, bench) are listed in
 ``DELEGATES``: each gets the rest of the command line as ``module.main(argv)``.
@@ -17,7 +18,8 @@ import sys
 
 # command -> (module whose main(argv) runs it, help line)
 DELEGATES: dict[str, tuple[str, str]] = {
-    "demo": ("vllm_adaptive_kv.demo", "end-to-end demo of adaptive KV eviction on the embedded model"),
+    "demo": ("vllm_adaptive_kv.batch_demo", "offline vLLM batch on the embedded model: full vs fastgen"),
+    "demo-core": ("vllm_adaptive_kv.demo", "the core alone on transformers' attention maps (no vLLM)"),
     # "eval": ("vllm_adaptive_kv.eval", "..."),
     # "bench": ("vllm_adaptive_kv.bench", "..."),
 }

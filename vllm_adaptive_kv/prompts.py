@@ -29,7 +29,7 @@ CHAT_QUESTIONS = (
 
 @dataclass(frozen=True)
 class PasskeyPrompt:
-    text: str  # the user message (apply a chat template around it if wanted)
+    text: str  # the user message: wrap it with chat_text(tokenizer, text)
     passkey: str
     depth: float  # where the key sits, 0 = start, 1 = end of the filler
 
@@ -50,10 +50,12 @@ def passkey_prompt(num_filler: int, depth: float, seed: int) -> PasskeyPrompt:
     at = round(depth * num_filler)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     body = FILLER * at + needle + FILLER * (num_filler - at)
+    # A chat user message: the embedded 135M model answers this form reliably
+    # (10/10 with the full cache at 1.0-1.6k tokens, all depths), so misses
+    # measure the cache, not the prompt.
     text = (
-        "There is important information hidden inside a lot of irrelevant text. "
-        "Find it and memorize it.\n\n"
-        f"{body}\n\nWhat is the pass key? The pass key is"
+        "Read the text and answer the question.\n\n"
+        f"{body}\n\nQuestion: What is the pass key? Answer with the number only."
     )
     return PasskeyPrompt(text=text, passkey=key, depth=depth)
 

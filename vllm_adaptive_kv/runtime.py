@@ -38,7 +38,7 @@ from .paging import PagedHeadCache
 from .policies import FastGen, SlotView
 from .profiler import FastGenProfiler
 from .triton_kernels.compaction import compact_slots
-from .triton_kernels.paged_attention import paged_attention, paged_attention_reference
+from .triton_kernels.paged_attention import paged_attention
 from .triton_kernels.write_kv import write_kv
 
 SCORING_POLICIES = ("fastgen", "h2o", "snapkv")
@@ -137,7 +137,9 @@ class HeadCacheRuntime:
         self.token_flags = token_flags.to(pool.kv_pages.device)
         self.default_settings = dict(default_settings)
         self.default_config = parse_policy_config(self.default_settings)
-        self.impl = impl
+        # "auto" picks per device once: Triton on CUDA, torch elsewhere (never the
+        # Triton interpreter inside an engine, even if TRITON_INTERPRET is set).
+        self.impl = impl if impl != "auto" else ("triton" if pool.kv_pages.is_cuda else "torch")
         self.rows: dict[str, int] = {}
         self.state: dict[int, RowState] = {}
         self._free_rows = list(range(max_reqs - 1, -1, -1))
@@ -252,56 +254,79 @@ class HeadCacheRuntime:
         return out
 
     def _use_kernels(self) -> bool:
-        return self.impl == "triton" or (self.impl == "auto" and self.pool.kv_pages.is_cuda)
+        return self.impl == "triton"
 
     def _attend_decode_torch(self, layer, q, out, meta, scale, score) -> None:
+        """One-token requests, batched: gather whole pages of their lists once."""
         index = meta.decode_index
         if index.numel() == 0:
             return
         rows = meta.decode_rows
-        table = self.cache.table[rows, layer, :, : max(meta.width, 1)]
-        local = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
         weight = meta.score_weight[index] if score is not None else None
-        out[index] = paged_attention_reference(q[index], local, meta.positions[index], table,
-                                               self.cache.lens[rows, layer], self.pool.kv_pages,
-                                               self.pool.slot_pos, scale, slot_score=score,
-                                               score_weight=weight)
+        out[index] = self._attend_lists(layer, rows, q[index][:, None], meta.positions[index][:, None],
+                                        max(meta.width, 1), scale, score,
+                                        weight[:, None] if weight is not None else None)[:, 0]
 
     def _attend_prefill_torch(self, layer, row, q, q_pos, width, scale, score, weight):
-        """One request's chunk: gather its lists once, then dense masked attention.
-
-        q [t, Hq, D] -> [t, Hq, D]. Lists are gathered as [H, S = width * bs, D].
-        """
-        pool, bs = self.pool, self.block_size
-        page = self.cache.table[row, layer, :, :width].long()  # [H, Wb]
-        num_heads, head_dim = page.shape[0], q.shape[-1]
-        group = q.shape[1] // num_heads
-        valid_page = page >= 0
-        page = page.clamp_min(0)
-        keys = pool.kv_pages[page, 0].reshape(num_heads, -1, head_dim).float()
-        slot_valid = (torch.arange(width * bs, device=q.device) < self.cache.lens[row, layer][:, None])
-        slot_valid &= valid_page.repeat_interleave(bs, dim=1)
-        values = pool.kv_pages[page, 1].reshape(num_heads, -1, head_dim).float()
-        values = values.masked_fill(~slot_valid[..., None], 0.0)  # unlisted slots may hold NaN
-        key_pos = pool.slot_pos[page].reshape(num_heads, -1)
+        """One request's chunk of t tokens, split so the logits stay bounded."""
+        rows = torch.tensor([row], dtype=torch.int64, device=q.device)
+        num_slots = max(1, width * self.block_size)
+        step = max(1, _PREFILL_BLOCK_ELEMS // (q.shape[1] * num_slots))
         out = torch.empty_like(q)
-        step = max(1, _PREFILL_BLOCK_ELEMS // max(1, num_heads * group * keys.shape[1]))
         for lo in range(0, q.shape[0], step):
             hi = min(lo + step, q.shape[0])
-            qg = q[lo:hi].float().view(hi - lo, num_heads, group, head_dim).permute(1, 2, 0, 3)
-            visible = slot_valid[:, None, :] & (key_pos[:, None, :] <= q_pos[lo:hi, None])  # [H, t, S]
-            logits = torch.matmul(qg, keys.transpose(1, 2)[:, None]) * scale  # [H, G, t, S]
-            logits.masked_fill_(~visible[:, None], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            out[lo:hi] = torch.matmul(probs, values[:, None]).permute(2, 0, 1, 3).reshape(
-                hi - lo, -1, head_dim).to(out.dtype)
-            if score is not None:
-                col = (probs.sum(1) * weight[lo:hi][None, :, None]).sum(1)  # [H, S]
-                score.view(-1).index_put_((self._slot_ids(page),), col.reshape(-1), accumulate=True)
+            w = weight[None, lo:hi] if weight is not None else None
+            out[lo:hi] = self._attend_lists(layer, rows, q[None, lo:hi], q_pos[None, lo:hi], width,
+                                            scale, score, w)[0]
         return out
 
+    def _attend_lists(self, layer, rows, q, q_pos, width, scale, score, weight):
+        """Dense masked attention of ``t`` queries per request over its gathered lists.
+
+        rows [R], q [R, t, Hq, D], q_pos [R, t], weight [R, t] or None -> [R, t, Hq, D].
+        K and V are gathered page by page (``[R, H, Wb, bs, D]`` each, contiguous
+        copies of whole pages), which is much cheaper than addressing slot by slot.
+        Probabilities are materialized only for rows that accumulate scores.
+        """
+        pool, bs = self.pool, self.block_size
+        num_reqs, t, num_q_heads, head_dim = q.shape
+        page = self.cache.table[rows, layer, :, :width].long().clamp_min(0)  # [R, H, Wb]
+        num_heads = page.shape[1]
+        group = num_q_heads // num_heads
+        in_list = torch.arange(width * bs, device=q.device) < self.cache.lens[rows, layer][..., None]
+        keys = pool.kv_pages[:, 0][page].reshape(num_reqs, num_heads, -1, head_dim)
+        values = pool.kv_pages[:, 1][page].reshape(num_reqs, num_heads, -1, head_dim)
+        values = values.masked_fill(~in_list[..., None], 0.0)  # unlisted slots may hold NaN
+        key_pos = pool.slot_pos[page].reshape(num_reqs, num_heads, -1)
+        visible = in_list[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[:, None, :, None])  # [R,H,t,S]
+        qg = q.view(num_reqs, t, num_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [R,H,G,t,D]
+        mask = visible[:, :, None].expand(-1, -1, group, -1, -1)
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            qg.reshape(num_reqs, num_heads, group * t, head_dim).to(keys.dtype), keys, values,
+            attn_mask=mask.reshape(num_reqs, num_heads, group * t, -1), scale=scale)
+        if score is not None:
+            self._accumulate_scores(qg, keys, visible, weight, page, scale, score)
+        attn = attn.view(num_reqs, num_heads, group, t, head_dim).permute(0, 3, 1, 2, 4)
+        return attn.reshape(num_reqs, t, num_q_heads, head_dim).to(q.dtype)
+
+    def _accumulate_scores(self, qg, keys, visible, weight, page, scale, score) -> None:
+        """score[slot] += sum over the group and the weighted rows of the probabilities.
+
+        Only rows with weight > 0 matter; for a long prompt chunk these are the
+        observation window, so the chunk's other rows are skipped (host-known
+        bound: the last ``observation_window`` rows at most, or every row).
+        """
+        rows = weight.gt(0).any(0)  # [t] rows some request weights
+        if weight.shape[1] > 1:
+            qg, visible, weight = qg[:, :, :, rows], visible[:, :, rows], weight[:, rows]
+        logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)[:, :, None]) * scale  # [R,H,G,t,S]
+        logits.masked_fill_(~visible[:, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        col = (probs.sum(2) * weight[:, None, :, None]).sum(2)  # [R, H, S]
+        score.view(-1).index_put_((self._slot_ids(page),), col.reshape(-1), accumulate=True)
+
     def _slot_ids(self, page: torch.Tensor) -> torch.Tensor:
-        """Flat slot ids of every slot of pages [H, Wb] -> [H * Wb * bs] int64."""
+        """Flat slot ids of every slot of pages [..., Wb] -> [... * Wb * bs] int64."""
         offs = torch.arange(self.block_size, device=page.device)
         return (page[..., None] * self.block_size + offs).reshape(-1)
 
@@ -384,7 +409,8 @@ class HeadCacheRuntime:
         self.choice[rows_t] = profile.choice.view(shape)
         counts = torch.bincount(profile.choice, minlength=len(FastGen.ladder)).tolist()
         for name, count in zip(FastGen.ladder, counts):
-            self._decisions[name] += count
+            if count:
+                self._decisions[name] += count
         return profile.keep
 
     def _slot_view(self, rows_t: torch.Tensor, tokens: list[int], num_slots: int) -> SlotView:

@@ -110,11 +110,22 @@ class AdaptiveKVStats(KVConnectorStats):
         return not d["kept_fraction"] and not d["evicted_tokens"] and not d["head_policy"] and d["pages_free"] is None
 
 
+def unregister_adaptive_metrics() -> None:
+    """Drop our collectors from the default registry, as vLLM does for its own."""
+    import prometheus_client
+
+    registry = prometheus_client.REGISTRY
+    for collector in list(registry._collector_to_names):
+        if any(n.startswith("vllm_adaptive_kv:") for n in registry._collector_to_names[collector]):
+            registry.unregister(collector)
+
+
 class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
     """``vllm_adaptive_kv:*`` metrics on the server's /metrics."""
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        unregister_adaptive_metrics()  # a second engine in one process re-creates them
         self.kept = self._histogram_cls(
             name="vllm_adaptive_kv:kept_fraction", buckets=list(KEPT_FRACTION_BUCKETS),
             documentation="KV tokens held at a request's end over what the full cache would hold "

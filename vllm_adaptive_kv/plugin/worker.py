@@ -30,7 +30,7 @@ from ..token_classes import build_token_flags
 from .backend import AdaptiveMetadataBuilder, StepSource, pool_view
 from .engine_args import policy_settings_of
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.adaptive_kv")  # under vLLM's configured logger tree
 
 CPU_BACKEND_PATH = "vllm_adaptive_kv.plugin.backend.AdaptiveCPUAttentionBackend"
 
@@ -71,6 +71,12 @@ class AdaptiveRunnerMixin:
         return HeadCacheRuntime(pool, num_layers, num_kv_heads, num_q_heads // num_kv_heads,
                                 self.scheduler_config.max_num_seqs, model_config.max_model_len,
                                 flags, settings)
+
+    def adaptive_kv_state(self) -> dict:
+        runtime = self._adaptive_source.runtime
+        audit = runtime.cache.audit()  # raises AssertionError naming a leak / double owner
+        return {"live_requests": sorted(runtime.rows), "pages_in_use": runtime.pages_in_use(),
+                "num_pages": runtime.cache.num_pages, **audit}
 
     def _zero_block_ids(self, block_ids) -> None:
         # vLLM's block ids do not address our pages, and a slot is always written
@@ -153,6 +159,10 @@ class AdaptiveCPUWorker(CPUWorker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         install_cpu_backend()
+
+    def adaptive_kv_state(self) -> dict:
+        """For ``LLM.collective_rpc``: live requests, pages in use and the pool audit."""
+        return self.model_runner.adaptive_kv_state()
 
     def init_device(self) -> None:
         # CPUWorker.init_device constructs the module-global CPUModelRunner; swap it

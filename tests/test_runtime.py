@@ -1,0 +1,149 @@
+"""HeadCacheRuntime (pure core): engine steps over the head-page pool, no vLLM.
+
+A fake "model" supplies random q/k/v per token; the runtime's attention output is
+checked against dense causal attention over everything the request has seen
+(full policy) and its bookkeeping against the pool audit (every policy).
+"""
+
+import math
+
+import pytest
+import torch
+
+from vllm_adaptive_kv.config import parse_policy_config
+from vllm_adaptive_kv.layout import FLAG_PUNCT, FLAG_SPECIAL, KVPool
+from vllm_adaptive_kv.runtime import HeadCacheRuntime
+
+L, H, G, D, BS = 2, 2, 3, 16, 16
+VOCAB = 50
+
+
+def make_runtime(policy="full", num_pages=400, **settings):
+    pool = KVPool.allocate(num_pages, BS, D, torch.float32)
+    flags = torch.zeros(VOCAB, dtype=torch.uint8)
+    flags[0] = FLAG_SPECIAL
+    flags[1:5] = FLAG_PUNCT
+    return HeadCacheRuntime(pool, L, H, G, max_reqs=8, max_model_len=512, token_flags=flags,
+                            default_settings={"kv_policy": policy, **settings}, impl="torch")
+
+
+class FakeModel:
+    """Random per-(request, position, layer) q/k/v, remembered for the dense check."""
+
+    def __init__(self, seed=0):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.history = {}  # req -> list of (k [L, H, D], v [L, H, D])
+
+    def step_inputs(self, reqs, counts, starts):
+        q, k, v, pos = [], [], [], []
+        for req, n, start in zip(reqs, counts, starts):
+            for i in range(n):
+                qi = torch.randn(L, H * G, D, generator=self.gen)
+                ki = torch.randn(L, H, D, generator=self.gen)
+                vi = torch.randn(L, H, D, generator=self.gen)
+                self.history.setdefault(req, []).append((ki, vi))
+                q.append(qi), k.append(ki), v.append(vi), pos.append(start + i)
+        return torch.stack(q, 1), torch.stack(k, 1), torch.stack(v, 1), torch.tensor(pos)
+
+    def dense(self, req, layer, q, upto):
+        keys = torch.stack([kv[0][layer] for kv in self.history[req][: upto + 1]], 1).double()  # [H, N, D]
+        vals = torch.stack([kv[1][layer] for kv in self.history[req][: upto + 1]], 1).double()
+        qg = q.double().view(H, G, D)
+        probs = torch.softmax(torch.einsum("hgd,hnd->hgn", qg, keys) / math.sqrt(D), -1)
+        return torch.einsum("hgn,hnd->hgd", probs, vals).reshape(H * G, D)
+
+
+def run_step(rt, model, reqs, counts, starts, check=True):
+    q, k, v, pos = model.step_inputs(reqs, counts, starts)
+    token_ids = torch.randint(0, VOCAB, (pos.numel(),), generator=model.gen)
+    meta = rt.plan_step(reqs, counts, pos, token_ids)
+    for layer in range(L):
+        out = torch.full_like(q[layer], float("nan"))
+        rt.attend(layer, q[layer], k[layer], v[layer], out, meta, 1 / math.sqrt(D))
+        if check:
+            t = 0
+            for req, n, start in zip(reqs, counts, starts):
+                for i in range(n):
+                    want = model.dense(req, layer, q[layer, t], start + i)
+                    torch.testing.assert_close(out[t].double(), want, atol=1e-4, rtol=1e-4)
+                    t += 1
+    return rt.finish_step(meta)
+
+
+def test_full_policy_matches_dense_attention_over_chunked_prefill_and_decode():
+    rt, model = make_runtime("full"), FakeModel()
+    rt.add("a", prompt_len=37)
+    rt.add("b", prompt_len=5)
+    run_step(rt, model, ["a", "b"], [20, 5], [0, 0])  # a: first chunk, b: whole prompt
+    run_step(rt, model, ["a", "b"], [17, 1], [20, 5])  # a: last chunk, b: decode
+    for i in range(3):
+        report = run_step(rt, model, ["b", "a"], [1, 1], [6 + i, 37 + i])  # order changes too
+    assert report.requests["a"][3] == 40 and report.requests["a"][2] == 40 * L * H  # nothing evicted
+    assert report.requests["a"][0] == L * H * math.ceil(40 / BS)
+    rt.cache.audit()
+    rt.release(["a", "b"])
+    assert rt.pages_in_use() == 0 and not rt.rows
+    rt.cache.audit()
+
+
+@pytest.mark.parametrize("policy,settings", [
+    ("fastgen", {"recovery_ratio": 0.5}),
+    ("h2o", {"budget_ratio": 0.3}),
+    ("streamingllm", {"budget_ratio": 0.3}),
+    ("snapkv", {"budget_ratio": 0.3}),
+])
+def test_eviction_frees_pages_and_never_leaks(policy, settings):
+    rt, model = make_runtime(policy, **settings), FakeModel(1)
+    rt.add("a", prompt_len=150)
+    rt.add("b", prompt_len=90)
+    full_pages = L * H * math.ceil(150 / BS)
+    first = run_step(rt, model, ["a", "b"], [100, 90], [0, 0], check=False)  # b's prompt ends
+    report = run_step(rt, model, ["a", "b"], [50, 1], [100, 90], check=False)  # a's prompt ends
+    held, _, slots, tokens = report.requests["a"]
+    assert tokens == 150 and slots < 150 * L * H and held < full_pages  # pages really went back
+    decisions = sum(first.head_policy_counts.values()) + sum(report.head_policy_counts.values())
+    assert first.evicted_tokens > 0 and report.evicted_tokens > 0 and decisions == 2 * L * H
+    assert report.pages_free == rt.cache.num_pages - rt.pages_in_use()
+    rt.cache.audit()
+    for i in range(2 * BS):  # decode: periodic re-eviction keeps lists bounded
+        report = run_step(rt, model, ["a", "b"], [1, 1], [150 + i, 91 + i], check=False)
+        rt.cache.audit()
+    assert report.requests["a"][2] < report.requests["a"][3] * L * H
+    rt.release(["a"])
+    rt.cache.audit()
+    rt.release(["b", "unknown"])
+    assert rt.pages_in_use() == 0
+
+
+def test_special_tokens_survive_fastgen():
+    rt, model = make_runtime("fastgen", recovery_ratio=0.3), FakeModel(2)
+    rt.add("a", prompt_len=64)
+    q, k, v, pos = model.step_inputs(["a"], [64], [0])
+    token_ids = torch.full((64,), 10)
+    token_ids[[0, 17, 40]] = 0  # special
+    meta = rt.plan_step(["a"], [64], pos, token_ids)
+    for layer in range(L):
+        rt.attend(layer, q[layer], k[layer], v[layer], torch.empty_like(q[layer]), meta, 0.25)
+    rt.finish_step(meta)
+    row = rt.rows["a"]
+    for layer in range(L):
+        for head in range(H):
+            n = int(rt.cache.lens[row, layer, head])
+            pages = rt.cache.table[row, layer, head, : math.ceil(n / BS)].long()
+            kept = rt.pool.slot_pos[pages].reshape(-1)[:n].tolist()
+            assert {0, 17, 40} <= set(kept) and kept == sorted(kept)
+
+
+def test_per_request_config_and_row_reuse():
+    rt = make_runtime("full")
+    cfg = parse_policy_config({"kv_policy": "h2o", "budget_ratio": 0.2})
+    rt.add("x", 10, cfg)
+    assert rt.state[rt.rows["x"]].config.name == "h2o"
+    with pytest.raises(ValueError, match="already live"):
+        rt.add("x", 10)
+    for i in range(7):
+        rt.add(f"r{i}", 3)
+    with pytest.raises(RuntimeError, match="no free request row"):
+        rt.add("one-too-many", 3)
+    rt.release(["x"])
+    rt.add("again", 3)
