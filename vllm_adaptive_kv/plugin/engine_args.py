@@ -310,9 +310,11 @@ def worker_class(worker_cls: str, name: str) -> str:
     from vllm.platforms import current_platform
 
     platform = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else None
-    if platform is None:
+    if platform != "cpu":
+        # The CUDA worker/backend glue is not written yet (the Triton kernels are);
+        # refuse clearly instead of failing inside the engine.
         device = getattr(current_platform, "device_name", "unknown")
-        raise refusal(f"platform {device!r}", name, "cpu or cuda")
+        raise refusal(f"platform {device!r}", name, "cpu (CUDA support is not built yet)")
     if worker_cls not in ("auto", WORKERS[platform]):
         raise refusal(f"worker_cls={worker_cls!r}", name, "worker_cls='auto' (vllm-adaptive-kv sets its own)")
     return WORKERS[platform]
