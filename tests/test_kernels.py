@@ -640,8 +640,8 @@ attention_ptrs = dict(q_ptr="bf16", token_req_ptr="i32", q_pos_ptr="i32", table_
                       head_lens_ptr="i32", kv_ptr="bf16", pos_ptr="i32")
 attention_consts = dict(GROUP=3, GROUP_PAD=16, BLOCK_SIZE=32, BLOCK_D=128, DOT_MODE="tf32")
 compile_kernel("paged_attention", "_paged_attention_kernel",
-               dict(attention_ptrs, out_ptr="bf16", score_ptr="fp32"),
-               dict(attention_consts, ACCUMULATE_SCORE=True))
+               dict(attention_ptrs, out_ptr="bf16", score_ptr="fp32", weight_ptr="fp32"),
+               dict(attention_consts, ACCUMULATE_SCORE=True, WEIGHTED=True))
 compile_kernel("window_stats", "_window_colsum_kernel", dict(attention_ptrs, out_ptr="fp32"),
                attention_consts)
 compile_kernel("write_kv", "_write_kv_kernel",
