@@ -434,9 +434,3 @@ class HeadCacheRuntime:
 
     def pages_in_use(self) -> int:
         return self.cache.num_pages - int(self.cache.num_free)
-
-    def config_for(self, overrides: dict | None) -> KVPolicyConfig:
-        """The policy of a request: the default, or a validated per-request override."""
-        if not overrides:
-            return self.default_config
-        return parse_policy_config(overrides)
