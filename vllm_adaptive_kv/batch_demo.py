@@ -79,7 +79,7 @@ def run_policy(model_dir: str, policy: str, args) -> dict:
 
 def report(row: dict) -> str:
     held = row["kept_fraction"] * row["full_slots"]
-    freed_pages = row["evicted_slots"] // row["block_size"]
+    freed_pages = int(row["evicted_slots"]) // row["block_size"]
     return (f"{row['policy']:>8}  KV tokens held {held:>10,.0f} ({100 * row['kept_fraction']:5.1f}% of full)  "
             f"pages freed >= {freed_pages:>6,}  passkey {100 * row['accuracy']:5.1f}%  "
             f"{row['tokens_per_s']:6.2f} tok/s  pool empty after: {row['pool_free_after']}")
