@@ -12,6 +12,7 @@ import torch
 
 from vllm_adaptive_kv.config import parse_policy_config
 from vllm_adaptive_kv.layout import FLAG_PUNCT, FLAG_SPECIAL, KVPool
+from vllm_adaptive_kv.policies import FastGen
 from vllm_adaptive_kv.runtime import HeadCacheRuntime
 
 L, H, G, D, BS = 2, 2, 3, 16, 16
@@ -132,6 +133,10 @@ def test_special_tokens_survive_fastgen():
             pages = rt.cache.table[row, layer, head, : math.ceil(n / BS)].long()
             kept = rt.pool.slot_pos[pages].reshape(-1)[:n].tolist()
             assert {0, 17, 40} <= set(kept) and kept == sorted(kept)
+    # The per-head policy map is recorded for inspection (policy-map plots).
+    names = rt.head_policies["a"]
+    assert len(names) == L and all(len(heads) == H for heads in names)
+    assert {n for heads in names for n in heads} <= set(FastGen.ladder)
 
 
 def test_per_request_config_and_row_reuse():

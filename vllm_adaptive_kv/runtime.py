@@ -27,7 +27,7 @@ tokens its policy would already have dropped (the approximation of DESIGN.md 4).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +96,9 @@ class StepMetadata:
     width: int
 
 
+PROFILE_HISTORY = 1024  # per-head policy maps kept for inspection
+
+
 @dataclass
 class StepReport:
     """What the scheduler needs after a step; plain Python values (picklable).
@@ -145,6 +148,9 @@ class HeadCacheRuntime:
         self._free_rows = list(range(max_reqs - 1, -1, -1))
         self._evicted = torch.zeros((), dtype=torch.int64, device=pool.kv_pages.device)
         self._decisions: Counter = Counter()
+        # req_id -> [layer][kv_head] FastGen policy name chosen at prompt end; the
+        # most recent PROFILE_HISTORY requests, for policy-map plots and audits.
+        self.head_policies: OrderedDict[str, list[list[str]]] = OrderedDict()
 
     # --- requests ------------------------------------------------------------
 
@@ -407,11 +413,19 @@ class HeadCacheRuntime:
         window_rows = (group_rows * self.query_group)[:, None].expand(shape[0], shape[1] * shape[2])
         profile = FastGenProfiler(policy).profile_window(view, view.scores, window_rows.reshape(-1))
         self.choice[rows_t] = profile.choice.view(shape)
+        self._record_head_policies(rows, profile.choice.view(shape).tolist())
         counts = torch.bincount(profile.choice, minlength=len(FastGen.ladder)).tolist()
         for name, count in zip(FastGen.ladder, counts):
             if count:
                 self._decisions[name] += count
         return profile.keep
+
+    def _record_head_policies(self, rows: list[int], choice: list) -> None:
+        for row, per_layer in zip(rows, choice):
+            names = [[FastGen.ladder[c] for c in heads] for heads in per_layer]
+            self.head_policies[self.state[row].req_id] = names
+        while len(self.head_policies) > PROFILE_HISTORY:
+            self.head_policies.popitem(last=False)
 
     def _slot_view(self, rows_t: torch.Tensor, tokens: list[int], num_slots: int) -> SlotView:
         """SlotView of every list of ``rows_t``, flattened (row, layer, head), N = num_slots."""

@@ -78,6 +78,10 @@ class AdaptiveRunnerMixin:
         return {"live_requests": sorted(runtime.rows), "pages_in_use": runtime.pages_in_use(),
                 "num_pages": runtime.cache.num_pages, **audit}
 
+    def adaptive_kv_head_policies(self) -> dict:
+        """req_id -> [layer][kv_head] FastGen policy name, most recent requests last."""
+        return dict(self._adaptive_source.runtime.head_policies)
+
     def _zero_block_ids(self, block_ids) -> None:
         # vLLM's block ids do not address our pages, and a slot is always written
         # before any list covers it, so there is nothing to zero.
@@ -163,6 +167,10 @@ class AdaptiveCPUWorker(CPUWorker):
     def adaptive_kv_state(self) -> dict:
         """For ``LLM.collective_rpc``: live requests, pages in use and the pool audit."""
         return self.model_runner.adaptive_kv_state()
+
+    def adaptive_kv_head_policies(self) -> dict:
+        """For ``LLM.collective_rpc``: per-head FastGen policies of recent requests."""
+        return self.model_runner.adaptive_kv_head_policies()
 
     def init_device(self) -> None:
         # CPUWorker.init_device constructs the module-global CPUModelRunner; swap it
