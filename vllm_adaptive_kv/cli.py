@@ -4,8 +4,9 @@
     vllm-adaptive-kv model list                               known model names
     vllm-adaptive-kv demo [ARGS...]                           vllm_adaptive_kv.batch_demo.main(ARGS)
     vllm-adaptive-kv demo-core [ARGS...]                      vllm_adaptive_kv.demo.main(ARGS)
+    vllm-adaptive-kv bench [ARGS...]                          vllm_adaptive_kv.bench.main(ARGS)
 
-Commands that live in their own module (demo, and later eval, bench) are listed in
+Commands that live in their own module (demo, bench, and later eval) are listed in
 ``DELEGATES``: each gets the rest of the command line as ``module.main(argv)``.
 """
 
@@ -21,7 +22,7 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "demo": ("vllm_adaptive_kv.batch_demo", "offline vLLM batch on the embedded model: full vs fastgen"),
     "demo-core": ("vllm_adaptive_kv.demo", "the core alone on transformers' attention maps (no vLLM)"),
     # "eval": ("vllm_adaptive_kv.eval", "..."),
-    # "bench": ("vllm_adaptive_kv.bench", "..."),
+    "bench": ("vllm_adaptive_kv.bench", "serving throughput at a fixed KV budget: vanilla vLLM vs the plugin"),
 }
 
 
