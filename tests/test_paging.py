@@ -19,9 +19,9 @@ MAX_REQS = 3
 class Harness:
     """The cache under test plus a shadow model: the token ids each list holds, in order."""
 
-    def __init__(self, num_pages: int, block_size: int, width: int) -> None:
+    def __init__(self, num_pages: int, block_size: int, width: int, k_transposed: bool = False) -> None:
         self.cache = PagedHeadCache(num_pages, block_size, L, H, width, MAX_REQS)
-        self.pool = KVPool.allocate(num_pages, block_size, D, torch.float32)
+        self.pool = KVPool.allocate(num_pages, block_size, D, torch.float32, k_transposed=k_transposed)
         self.shadow = {(r, l, h): [] for r in range(MAX_REQS) for l in range(L) for h in range(H)}
         self.next_token = 0
 
@@ -40,6 +40,7 @@ class Harness:
             write_kv_reference(
                 key, -key, slots[layer], tokens.to(torch.int32), (tokens % 4).to(torch.uint8),
                 self.pool.kv_pages, self.pool.slot_pos, self.pool.slot_flags, self.pool.slot_score,
+                self.pool.k_transposed,
             )
             for h in range(H):
                 self.shadow[(row, layer, h)].extend(tokens.tolist())
@@ -57,7 +58,7 @@ class Harness:
         plan = self.cache.plan_compaction(torch.tensor([row]), keep[None])
         compact_slots_reference(
             self.pool.kv_pages, self.pool.slot_pos, self.pool.slot_flags, self.pool.slot_score,
-            plan.src_slot, plan.dst_slot, plan.num_moves,
+            plan.src_slot, plan.dst_slot, plan.num_moves, self.pool.k_transposed,
         )
         self.cache.commit_compaction(plan)
         for layer in range(L):
@@ -84,8 +85,8 @@ class Harness:
             offsets = logical % bs
             expected = torch.tensor(tokens)
             assert torch.equal(self.pool.slot_pos[pages, offsets].to(torch.int64), expected)
-            k_rows = self.pool.kv_pages[pages, 0, offsets]
-            v_rows = self.pool.kv_pages[pages, 1, offsets]
+            k_rows = self.pool.k_pages[pages, offsets]
+            v_rows = self.pool.v_pages[pages, offsets]
             want = self._content(expected, layer)[:, h]
             assert torch.equal(k_rows, want), f"K rows of list {(r, layer, h)} lost content or order"
             assert torch.equal(v_rows, -want)
@@ -104,9 +105,10 @@ op = st.one_of(
     block_size=st.sampled_from([1, 2, 4, 16]),
     num_pages=st.integers(8, 120),
     keep_prob=st.floats(0.0, 1.0),
+    k_transposed=st.booleans(),
 )
-def test_random_sequences_keep_ownership_and_contents(ops, block_size, num_pages, keep_prob):
-    harness = Harness(num_pages, block_size, width=64)
+def test_random_sequences_keep_ownership_and_contents(ops, block_size, num_pages, keep_prob, k_transposed):
+    harness = Harness(num_pages, block_size, width=64, k_transposed=k_transposed)
     for kind, row, arg in ops:
         if kind == "alloc":
             harness.allocate(row, arg)
@@ -168,3 +170,15 @@ def test_batched_allocate_over_several_requests_matches_one_by_one():
 def test_bad_construction_names_the_value():
     with pytest.raises(ValueError, match="block_size=0"):
         PagedHeadCache(8, 0, 1, 1, 4, 1)
+
+
+def test_transposed_key_pages_store_each_block_d_major():
+    """k_transposed: the K block of a page is [D, bs] in memory (vLLM's CPU kernel layout)."""
+    pool = KVPool.allocate(3, 4, D, torch.float32, k_transposed=True)
+    key = torch.arange(4 * D, dtype=torch.float32).view(4, 1, D)
+    slots = torch.tensor([[4], [5], [6], [7]])  # page 1, offsets 0..3
+    write_kv_reference(key, -key, slots, torch.arange(4, dtype=torch.int32), torch.zeros(4, dtype=torch.uint8),
+                       pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score, True)
+    assert torch.equal(pool.kv_pages[1, 0].reshape(D, 4), key[:, 0].t())  # raw storage: transposed
+    assert torch.equal(pool.kv_pages[1, 1], -key[:, 0])  # V rows stay row-major
+    assert torch.equal(pool.k_pages[1], key[:, 0])  # the view hides the difference

@@ -192,7 +192,7 @@ def test_policy_switches_on_the_plugin(hooks, smollm2_dir):
     assert config.kv_transfer_config.kv_connector == "AdaptiveKVConnector"
     assert config.kv_transfer_config.kv_connector_module_path == "vllm_adaptive_kv.plugin.connector"
     assert config.cache_config.enable_prefix_caching is False
-    assert config.cache_config.block_size == 16
+    assert config.cache_config.block_size == hooks.DEFAULT_BLOCK_SIZE == 32
     assert config.scheduler_config.async_scheduling is False
     assert config.model_config.logits_processors == [hooks.VALIDATOR]
     from vllm_adaptive_kv.plugin.validation import server_policy_settings

@@ -11,9 +11,16 @@ Pool tensors (``P`` pages, ``bs`` = block_size, ``D`` = head_dim)::
     slot_flags  [P, bs]  uint8  FLAG_SPECIAL | FLAG_PUNCT bits of the slot's token
     slot_score  [P, bs]  fp32   accumulated attention the slot has received
 
-``kv_pages`` has exactly the byte layout of vLLM's CPU attention cache
-(``[blocks, heads, 2*bs, D]``, K rows then V rows) with heads folded into blocks,
-so vLLM's own KV buffer can be re-viewed as the pool without a copy.
+``kv_pages`` has the byte layout of vLLM's CPU attention cache (``[blocks, heads,
+2*bs, D]``, the K block then the V block) with heads folded into blocks, so vLLM's
+own KV buffer can be re-viewed as the pool without a copy. Within a page, V is
+always stored row by row (``[bs, D]``). K is stored either the same way
+(``k_transposed=False``, what the Triton kernels read) or transposed, ``[D, bs]``
+(``k_transposed=True``, what vLLM's native CPU attention kernel reads). Code that
+reads or writes slots goes through :func:`page_views`, which hides the difference::
+
+    k_pages, v_pages = page_views(kv_pages, k_transposed)   # both [P, bs, D] views
+    k_pages[page, offset]   # the K row of one slot, whatever the storage order
 
 A *physical slot id* is ``page * bs + offset`` (int64: large pools overflow int32
 once multiplied by the row size).
@@ -48,6 +55,23 @@ FLAG_PUNCT = 2
 NO_PAGE = -1
 
 
+def page_views(kv_pages: torch.Tensor, k_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(k_pages, v_pages)``, each ``[P, bs, D]``, over ``kv_pages [P, 2, bs, D]``.
+
+    With ``k_transposed`` the K block of each page is stored ``[D, bs]``; the view
+    then has strides ``(page stride, 1, bs)``, so ``k_pages[p, t]`` is still slot t.
+    """
+    num_pages, _, block_size, head_dim = kv_pages.shape
+    if kv_pages.stride(3) != 1 or kv_pages.stride(2) != head_dim or kv_pages.stride(1) != block_size * head_dim:
+        raise ValueError(f"kv_pages must be contiguous within each page, got strides {kv_pages.stride()}")
+    values = kv_pages[:, 1]
+    if not k_transposed:
+        return kv_pages[:, 0], values
+    keys = kv_pages.as_strided((num_pages, block_size, head_dim), (kv_pages.stride(0), 1, block_size),
+                               kv_pages.storage_offset())
+    return keys, values
+
+
 @dataclass
 class KVPool:
     """Device tensors of the pool; allocated once, never resized."""
@@ -56,6 +80,17 @@ class KVPool:
     slot_pos: torch.Tensor  # [P, bs] int32
     slot_flags: torch.Tensor  # [P, bs] uint8
     slot_score: torch.Tensor  # [P, bs] float32
+    k_transposed: bool = False  # K blocks stored [D, bs] (vLLM's CPU kernel layout)
+
+    @property
+    def k_pages(self) -> torch.Tensor:
+        """[P, bs, D] view of the K rows (strided when ``k_transposed``)."""
+        return page_views(self.kv_pages, self.k_transposed)[0]
+
+    @property
+    def v_pages(self) -> torch.Tensor:
+        """[P, bs, D] view of the V rows."""
+        return self.kv_pages[:, 1]
 
     @property
     def num_pages(self) -> int:
@@ -82,6 +117,7 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        k_transposed: bool = False,
     ) -> "KVPool":
         if num_pages <= 0 or block_size <= 0 or head_dim <= 0:
             raise ValueError(
@@ -89,10 +125,10 @@ class KVPool:
                 f"block_size={block_size}, head_dim={head_dim}"
             )
         kv = torch.zeros(num_pages, 2, block_size, head_dim, dtype=dtype, device=device)
-        return cls.from_kv_pages(kv)
+        return cls.from_kv_pages(kv, k_transposed)
 
     @classmethod
-    def from_kv_pages(cls, kv_pages: torch.Tensor) -> "KVPool":
+    def from_kv_pages(cls, kv_pages: torch.Tensor, k_transposed: bool = False) -> "KVPool":
         """Wrap an existing K/V buffer (e.g. a view of vLLM's) and add slot metadata."""
         if kv_pages.dim() != 4 or kv_pages.shape[1] != 2:
             raise ValueError(
@@ -100,8 +136,10 @@ class KVPool:
             )
         num_pages, _, block_size, _ = kv_pages.shape
         device = kv_pages.device
+        page_views(kv_pages, k_transposed)  # checks the within-page layout
         return cls(
             kv_pages=kv_pages,
+            k_transposed=k_transposed,
             slot_pos=torch.full((num_pages, block_size), -1, dtype=torch.int32, device=device),
             slot_flags=torch.zeros(num_pages, block_size, dtype=torch.uint8, device=device),
             slot_score=torch.zeros(num_pages, block_size, dtype=torch.float32, device=device),

@@ -80,6 +80,14 @@ class StepMetadata:
     decode_index  [Td] int64 tokens of one-token requests; decode_rows [Td] their rows
     prefill_spans (row, start, end) of requests with several tokens (host ints)
     width         page-table columns any list of the step can use (host bound)
+
+    With a native attention op (``HeadCacheRuntime(native_attention=...)``) each
+    (kv head h, request i) pair is one sequence ``s = h * R + i`` of the op:
+
+    seq_start     [H*R + 1] int32  first query row of sequence s in the head-major
+                  query ``q.view(T, H, G, D).transpose(0, 1)``, i.e. h * T + start_i
+    score_decode_index / score_decode_rows  one-token requests that accumulate scores
+    score_spans   (row, start, end) token ranges of longer requests that do
     """
 
     req_ids: list[str]
@@ -94,6 +102,11 @@ class StepMetadata:
     decode_rows: torch.Tensor
     prefill_spans: list[tuple[int, int, int]]
     width: int
+    rows_t: torch.Tensor | None = None
+    seq_start: torch.Tensor | None = None
+    score_decode_index: torch.Tensor | None = None
+    score_decode_rows: torch.Tensor | None = None
+    score_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 PROFILE_HISTORY = 1024  # per-head policy maps kept for inspection
@@ -126,7 +139,14 @@ class HeadCacheRuntime:
         token_flags: torch.Tensor,
         default_settings: dict,
         impl: str = "auto",
+        native_attention=None,
     ) -> None:
+        """``native_attention``: an optional op that runs attention over paged
+        sequences on CPU (``plugin.cpu_attention.VllmCpuPagedAttention`` wraps
+        vLLM's kernel); it needs a pool with ``k_transposed``. Without it the CPU
+        path is vectorized torch."""
+        if native_attention is not None and not pool.k_transposed:
+            raise ValueError("native_attention reads K blocks stored [D, bs]: build the pool with k_transposed=True")
         self.pool = pool
         self.query_group = query_group  # query heads per kv head
         self.block_size = pool.block_size
@@ -143,6 +163,10 @@ class HeadCacheRuntime:
         # "auto" picks per device once: Triton on CUDA, torch elsewhere (never the
         # Triton interpreter inside an engine, even if TRITON_INTERPRET is set).
         self.impl = impl if impl != "auto" else ("triton" if pool.kv_pages.is_cuda else "torch")
+        self.native_attention = native_attention
+        # [P, 1, bs, D] views of the K / V blocks: one KV head per (list) sequence
+        self._native_k = pool.kv_pages[:, 0].unsqueeze(1)
+        self._native_v = pool.kv_pages[:, 1].unsqueeze(1)
         self.rows: dict[str, int] = {}
         self.state: dict[int, RowState] = {}
         self._free_rows = list(range(max_reqs - 1, -1, -1))
@@ -205,6 +229,8 @@ class HeadCacheRuntime:
             prefill_spans=[], width=0,
         )
         self._split_decode_prefill(meta, states)
+        if self.native_attention is not None:
+            self._plan_native(meta, rows_t, states, total)
         for st, n in zip(states, num_tokens):
             st.tokens += n
             if st.profiled:
@@ -236,6 +262,30 @@ class HeadCacheRuntime:
         meta.decode_index = torch.tensor(decode, dtype=torch.int64, device=device)
         meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
 
+    def _plan_native(self, meta: StepMetadata, rows_t, states, total: int) -> None:
+        """Sequence starts for the native op, and which tokens accumulate scores."""
+        device = rows_t.device
+        starts, start = [], 0
+        decode, decode_rows = [], []
+        for row, n, st in zip(meta.rows, meta.num_tokens, states):
+            starts.append(start)
+            # st.tokens is still the position of this step's first token.
+            first = start + max(0, st.window_start - st.tokens)
+            if st.needs_scores and first < start + n:
+                if n == 1:
+                    decode.append(start)
+                    decode_rows.append(row)
+                else:
+                    meta.score_spans.append((row, first, start + n))
+            start += n
+        heads = torch.arange(self.num_kv_heads, dtype=torch.int64)[:, None] * total
+        seq_start = (heads + torch.tensor(starts, dtype=torch.int64)).reshape(-1).tolist() + [
+            self.num_kv_heads * total]
+        meta.rows_t = rows_t
+        meta.seq_start = torch.tensor(seq_start, dtype=torch.int32, device=device)
+        meta.score_decode_index = torch.tensor(decode, dtype=torch.int64, device=device)
+        meta.score_decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                out: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
         """Write this layer's K/V of the step, then attention of every query.
@@ -244,8 +294,14 @@ class HeadCacheRuntime:
         """
         pool = self.pool
         write_kv(k, v, meta.slot_mapping[layer], meta.positions, meta.flags, pool.kv_pages,
-                 pool.slot_pos, pool.slot_flags, pool.slot_score, impl=self.impl)
+                 pool.slot_pos, pool.slot_flags, pool.slot_score, impl=self.impl,
+                 k_transposed=pool.k_transposed)
         score = pool.slot_score if meta.score_weight is not None else None
+        if self.native_attention is not None:
+            self._attend_native(layer, q, out, meta, scale)
+            if score is not None:
+                self._score_native(layer, q, meta, scale, score)
+            return out
         if self._use_kernels():
             return paged_attention(q, meta.token_row, meta.positions, self.cache.table[:, layer],
                                    self.cache.lens[:, layer], pool.kv_pages, pool.slot_pos, scale,
@@ -258,6 +314,38 @@ class HeadCacheRuntime:
                                                         meta.positions[start:end], meta.width,
                                                         scale, score, weight)
         return out
+
+    def _attend_native(self, layer, q, out, meta: StepMetadata, scale: float) -> None:
+        """All of the step's queries in one call of the native op (see StepMetadata).
+
+        Query rows are regrouped head-major so each (head, request) sequence is
+        contiguous; its keys are the list's first ``seq_len`` slots, the last
+        ``num_tokens`` of which are this step's own tokens (causal by index).
+        """
+        num_tokens, num_q_heads, head_dim = q.shape
+        heads, group = self.num_kv_heads, self.query_group
+        query = q.view(num_tokens, heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
+        result = torch.empty_like(query)
+        rows = meta.rows_t
+        seq_lens = self.cache.lens[rows, layer].t().reshape(-1)  # [H*R] int32
+        table = self.cache.table[rows, layer, :, :max(meta.width, 1)].transpose(0, 1).reshape(
+            heads * rows.numel(), -1)
+        self.native_attention(query, self._native_k, self._native_v, result, meta.seq_start,
+                              seq_lens, table, scale)
+        out.view(num_tokens, heads, group, head_dim).copy_(
+            result.view(heads, num_tokens, group, head_dim).transpose(0, 1))
+
+    def _score_native(self, layer, q, meta: StepMetadata, scale: float, score) -> None:
+        """Scores of the observation rows only (the native op returns no probabilities)."""
+        width = max(meta.width, 1)
+        index = meta.score_decode_index
+        if index.numel():
+            self._score_lists(layer, meta.score_decode_rows, q[index][:, None],
+                              meta.positions[index][:, None], width, scale, score)
+        for row, start, end in meta.score_spans:
+            rows = torch.tensor([row], dtype=torch.int64, device=q.device)
+            self._score_lists(layer, rows, q[None, start:end], meta.positions[None, start:end],
+                              width, scale, score)
 
     def _use_kernels(self) -> bool:
         return self.impl == "triton"
@@ -294,16 +382,12 @@ class HeadCacheRuntime:
         copies of whole pages), which is much cheaper than addressing slot by slot.
         Probabilities are materialized only for rows that accumulate scores.
         """
-        pool, bs = self.pool, self.block_size
         num_reqs, t, num_q_heads, head_dim = q.shape
-        page = self.cache.table[rows, layer, :, :width].long().clamp_min(0)  # [R, H, Wb]
+        page, keys, key_pos, in_list = self._gather_keys(layer, rows, width)
         num_heads = page.shape[1]
         group = num_q_heads // num_heads
-        in_list = torch.arange(width * bs, device=q.device) < self.cache.lens[rows, layer][..., None]
-        keys = pool.kv_pages[:, 0][page].reshape(num_reqs, num_heads, -1, head_dim)
-        values = pool.kv_pages[:, 1][page].reshape(num_reqs, num_heads, -1, head_dim)
+        values = self.pool.v_pages[page].reshape(num_reqs, num_heads, -1, head_dim)
         values = values.masked_fill(~in_list[..., None], 0.0)  # unlisted slots may hold NaN
-        key_pos = pool.slot_pos[page].reshape(num_reqs, num_heads, -1)
         visible = in_list[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[:, None, :, None])  # [R,H,t,S]
         qg = q.view(num_reqs, t, num_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [R,H,G,t,D]
         mask = visible[:, :, None].expand(-1, -1, group, -1, -1)
@@ -315,6 +399,29 @@ class HeadCacheRuntime:
         attn = attn.view(num_reqs, num_heads, group, t, head_dim).permute(0, 3, 1, 2, 4)
         return attn.reshape(num_reqs, t, num_q_heads, head_dim).to(q.dtype)
 
+    def _gather_keys(self, layer, rows, width):
+        """The first ``width`` pages of the lists of ``rows`` at ``layer``.
+
+        -> page [R, H, Wb] (int64), keys [R, H, S, D], key_pos [R, H, S] and
+        in_list [R, H, S] (slot holds a listed token), S = Wb * bs.
+        """
+        num_reqs = rows.numel()
+        page = self.cache.table[rows, layer, :, :width].long().clamp_min(0)  # [R, H, Wb]
+        num_heads = page.shape[1]
+        in_list = torch.arange(width * self.block_size, device=page.device) < self.cache.lens[rows, layer][..., None]
+        keys = self.pool.k_pages[page].reshape(num_reqs, num_heads, -1, self.pool.head_dim)
+        key_pos = self.pool.slot_pos[page].reshape(num_reqs, num_heads, -1)
+        return page, keys, key_pos, in_list
+
+    def _score_lists(self, layer, rows, q, q_pos, width, scale, score) -> None:
+        """Accumulate the attention of queries q [R, t, Hq, D] (all weighted) on their lists."""
+        num_reqs, t, num_q_heads, head_dim = q.shape
+        page, keys, key_pos, in_list = self._gather_keys(layer, rows, width)
+        num_heads = page.shape[1]
+        visible = in_list[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[:, None, :, None])
+        qg = q.view(num_reqs, t, num_heads, num_q_heads // num_heads, head_dim).permute(0, 2, 3, 1, 4)
+        self._accumulate_scores(qg, keys, visible, None, page, scale, score)
+
     def _accumulate_scores(self, qg, keys, visible, weight, page, scale, score) -> None:
         """score[slot] += sum over the group and the weighted rows of the probabilities.
 
@@ -322,13 +429,14 @@ class HeadCacheRuntime:
         observation window, so the chunk's other rows are skipped (host-known
         bound: the last ``observation_window`` rows at most, or every row).
         """
-        rows = weight.gt(0).any(0)  # [t] rows some request weights
-        if weight.shape[1] > 1:
+        if weight is not None and weight.shape[1] > 1:
+            rows = weight.gt(0).any(0)  # [t] rows some request weights
             qg, visible, weight = qg[:, :, :, rows], visible[:, :, rows], weight[:, rows]
         logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)[:, :, None]) * scale  # [R,H,G,t,S]
         logits.masked_fill_(~visible[:, :, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        col = (probs.sum(2) * weight[:, None, :, None]).sum(2)  # [R, H, S]
+        per_row = probs.sum(2)  # [R, H, t, S]
+        col = (per_row if weight is None else per_row * weight[:, None, :, None]).sum(2)  # [R, H, S]
         score.view(-1).index_put_((self._slot_ids(page),), col.reshape(-1), accumulate=True)
 
     def _slot_ids(self, page: torch.Tensor) -> torch.Tensor:
@@ -394,7 +502,8 @@ class HeadCacheRuntime:
                                                             self.num_kv_heads, num_slots))
         pool = self.pool
         compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score,
-                      plan.src_slot, plan.dst_slot, plan.num_moves, impl=self.impl)
+                      plan.src_slot, plan.dst_slot, plan.num_moves, impl=self.impl,
+                      k_transposed=pool.k_transposed)
         self.cache.commit_compaction(plan)
         self._evicted += before - plan.new_lens.to(torch.int64).sum()
 

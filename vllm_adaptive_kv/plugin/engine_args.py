@@ -30,7 +30,7 @@ from ..policies import POLICY_NAMES
 log = logging.getLogger("vllm.adaptive_kv")  # under "vllm" so vLLM's log handler prints it
 
 GROUP_TITLE = "AdaptiveKV"
-DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BLOCK_SIZE = 32  # vLLM's CPU attention kernel needs multiples of 32
 CONNECTOR = {
     "kv_connector": "AdaptiveKVConnector",
     "kv_role": "kv_both",
@@ -264,10 +264,10 @@ def check_kv_cache_dtype(cache_dtype: str, name: str) -> None:
 
 
 def checked_block_size(block_size: int | None, name: str) -> int:
-    """16 when unset; a user's value must be a power of two >= 16 (head pages tile blocks)."""
+    """32 when unset; a user's value must be a power of two >= 16 (head pages tile blocks)."""
     if block_size is None:
         return DEFAULT_BLOCK_SIZE
-    if block_size < DEFAULT_BLOCK_SIZE or block_size & (block_size - 1):
+    if block_size < 16 or block_size & (block_size - 1):
         raise KVPolicyError(
             f"block_size={block_size} is invalid with kv_policy={name!r}: allowed values are powers of two >= 16"
         )

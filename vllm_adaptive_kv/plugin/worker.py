@@ -17,6 +17,8 @@ engine step, inside vLLM's V1 ``execute_model``::
 
 from __future__ import annotations
 
+import os
+
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 from vllm.logger import init_logger
 from vllm.v1.worker import cpu_worker
@@ -28,6 +30,7 @@ from ..layout import KVPool
 from ..runtime import HeadCacheRuntime
 from ..token_classes import build_token_flags
 from .backend import AdaptiveMetadataBuilder, StepSource, pool_view
+from .cpu_attention import VllmCpuPagedAttention, native_cpu_attention_available
 from .engine_args import policy_settings_of
 
 logger = init_logger("vllm.adaptive_kv")  # under vLLM's configured logger tree
@@ -59,18 +62,21 @@ class AdaptiveRunnerMixin:
 
     def _build_runtime(self, kv_caches, num_layers: int) -> HeadCacheRuntime:
         pages = pool_view(kv_caches)
-        pool = KVPool.from_kv_pages(pages)
         model_config = self.model_config
         num_kv_heads = kv_caches[0].shape[1]
         num_q_heads = model_config.get_num_attention_heads(self.parallel_config)
+        native = _use_native_attention(pages.shape[2], pages.shape[3])
+        pool = KVPool.from_kv_pages(pages, k_transposed=native)
+        attention = VllmCpuPagedAttention(num_q_heads // num_kv_heads, pages.shape[3], pages.dtype) if native else None
         tokenizer = _load_tokenizer(model_config)
         flags = build_token_flags(tokenizer, model_config.get_vocab_size())
         settings = policy_settings_of(self.vllm_config)
-        logger.info("vllm-adaptive-kv: %d head pages of %d tokens (%d layers x %d KV heads), policy %s",
-                    pool.num_pages, pool.block_size, num_layers, num_kv_heads, settings)
+        logger.info("vllm-adaptive-kv: %d head pages of %d tokens (%d layers x %d KV heads), policy %s, "
+                    "attention %s", pool.num_pages, pool.block_size, num_layers, num_kv_heads, settings,
+                    "vLLM's CPU kernel" if native else "torch")
         return HeadCacheRuntime(pool, num_layers, num_kv_heads, num_q_heads // num_kv_heads,
                                 self.scheduler_config.max_num_seqs, model_config.max_model_len,
-                                flags, settings)
+                                flags, settings, native_attention=attention)
 
     def adaptive_kv_state(self) -> dict:
         runtime = self._adaptive_source.runtime
@@ -139,6 +145,20 @@ class AdaptiveRunnerMixin:
         return output
 
 
+def _use_native_attention(block_size: int, head_dim: int) -> bool:
+    """vLLM's CPU kernel unless VLLM_ADAPTIVE_KV_CPU_ATTENTION=torch or the shape rules it out."""
+    choice = os.environ.get(CPU_ATTENTION_ENV, "native")
+    if choice not in ("native", "torch"):
+        raise ValueError(f"{CPU_ATTENTION_ENV}={choice!r} is invalid: allowed values are 'native', 'torch'")
+    if choice == "torch":
+        return False
+    if not native_cpu_attention_available(block_size, head_dim):
+        logger.warning("vllm-adaptive-kv: block size %d / head_dim %d rule out vLLM's CPU attention kernel "
+                       "(needs multiples of 32); using the slower torch attention", block_size, head_dim)
+        return False
+    return True
+
+
 def _load_tokenizer(model_config):
     from transformers import AutoTokenizer
 
@@ -155,6 +175,9 @@ def install_cpu_backend() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
+
+
+CPU_ATTENTION_ENV = "VLLM_ADAPTIVE_KV_CPU_ATTENTION"
 
 
 class AdaptiveCPUWorker(CPUWorker):

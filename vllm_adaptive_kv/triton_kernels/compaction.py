@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import page_views
 from ._triton import (
     check_last_dim_contiguous,
     check_pool,
@@ -113,6 +114,7 @@ def compact_slots(
     dst_slot: torch.Tensor,
     num_moves: torch.Tensor,
     impl: str = "auto",
+    k_transposed: bool = False,
 ) -> None:
     """Move slots ``src_slot[m, j] -> dst_slot[m, j]`` for ``j < num_moves[m]``, in place.
 
@@ -122,13 +124,18 @@ def compact_slots(
             ``j >= num_moves[m]`` are ignored.
         num_moves: [M] int32 moves of each row (one row = one head list), <= max_moves.
         impl: "auto" | "triton" | "torch".
+        k_transposed: K blocks are stored ``[D, bs]`` (``layout.page_views``);
+            torch only.
 
     The planner contract in the module docstring must hold. Source slots keep their
     old contents (they are garbage afterwards).
     """
     _check_args(kv_pages, slot_pos, slot_flags, slot_score, src_slot, dst_slot, num_moves)
-    if not use_triton(impl, _compact_slots_kernel, kv_pages.device):
-        compact_slots_reference(kv_pages, slot_pos, slot_flags, slot_score, src_slot, dst_slot, num_moves)
+    if k_transposed and impl == "triton":
+        raise ValueError("impl='triton' needs k_transposed=False: the kernel moves K row by row")
+    if k_transposed or not use_triton(impl, _compact_slots_kernel, kv_pages.device):
+        compact_slots_reference(kv_pages, slot_pos, slot_flags, slot_score, src_slot, dst_slot, num_moves,
+                                k_transposed)
         return
     num_rows = src_slot.shape[0]
     if num_rows == 0 or src_slot.shape[1] == 0:
@@ -155,20 +162,24 @@ def compact_slots_reference(
     src_slot: torch.Tensor,
     dst_slot: torch.Tensor,
     num_moves: torch.Tensor,
+    k_transposed: bool = False,
 ) -> None:
     """Torch version of :func:`compact_slots`: gather every source, then scatter."""
     block_size = kv_pages.shape[2]
+    k_pages, v_pages = page_views(kv_pages, k_transposed)
     moves = torch.arange(src_slot.shape[1], device=src_slot.device)
     active = moves[None, :] < num_moves[:, None].long()
     src, dst = src_slot[active], dst_slot[active]
     src_page, src_off = src // block_size, src % block_size
     dst_page, dst_off = dst // block_size, dst % block_size
     # Advanced indexing copies, so every source is read before anything is written.
-    kv_rows = kv_pages[src_page, :, src_off]  # [N, 2, D]
+    k_rows = k_pages[src_page, src_off]  # [N, D]
+    v_rows = v_pages[src_page, src_off]
     pos = slot_pos[src_page, src_off]
     flags = slot_flags[src_page, src_off]
     score = slot_score[src_page, src_off]
-    kv_pages[dst_page, :, dst_off] = kv_rows
+    k_pages[dst_page, dst_off] = k_rows
+    v_pages[dst_page, dst_off] = v_rows
     slot_pos[dst_page, dst_off] = pos
     slot_flags[dst_page, dst_off] = flags
     slot_score[dst_page, dst_off] = score

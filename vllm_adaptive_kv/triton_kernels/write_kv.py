@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import page_views
 from ._triton import (
     check_last_dim_contiguous,
     check_pool,
@@ -96,6 +97,7 @@ def write_kv(
     slot_flags: torch.Tensor,
     slot_score: torch.Tensor,
     impl: str = "auto",
+    k_transposed: bool = False,
 ) -> None:
     """Write each token's K/V rows and metadata into its per-head slot, in place.
 
@@ -107,13 +109,17 @@ def write_kv(
         kv_pages, slot_pos, slot_flags, slot_score: the pool (see ``layout.py``);
             ``slot_score`` of every written slot is reset to 0.
         impl: "auto" | "triton" | "torch".
+        k_transposed: K blocks are stored ``[D, bs]`` (``layout.page_views``);
+            torch only.
 
     Two (token, head) pairs must not name the same slot (which write wins is undefined).
     """
     _check_args(key, value, slot_mapping, positions, flags, kv_pages, slot_pos, slot_flags, slot_score)
-    if not use_triton(impl, _write_kv_kernel, kv_pages.device):
+    if k_transposed and impl == "triton":
+        raise ValueError("impl='triton' needs k_transposed=False: the kernel writes K row by row")
+    if k_transposed or not use_triton(impl, _write_kv_kernel, kv_pages.device):
         write_kv_reference(key, value, slot_mapping, positions, flags,
-                           kv_pages, slot_pos, slot_flags, slot_score)
+                           kv_pages, slot_pos, slot_flags, slot_score, k_transposed)
         return
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0 or num_heads == 0:
@@ -143,15 +149,17 @@ def write_kv_reference(
     slot_pos: torch.Tensor,
     slot_flags: torch.Tensor,
     slot_score: torch.Tensor,
+    k_transposed: bool = False,
 ) -> None:
     """Torch version of :func:`write_kv` (same arguments, minus ``impl``)."""
     block_size = kv_pages.shape[2]
+    k_pages, v_pages = page_views(kv_pages, k_transposed)
     num_heads = key.shape[1]
     write = slot_mapping >= 0  # [T, H]
     slots = slot_mapping[write]
     page, offset = slots // block_size, slots % block_size
-    kv_pages[page, 0, offset] = key[write]
-    kv_pages[page, 1, offset] = value[write]
+    k_pages[page, offset] = key[write]
+    v_pages[page, offset] = value[write]
     # Metadata is per token; every kv head of the token gets the same values.
     slot_pos[page, offset] = positions[:, None].expand(-1, num_heads)[write]
     slot_flags[page, offset] = flags[:, None].expand(-1, num_heads)[write]
