@@ -76,6 +76,9 @@ def test_server_command_per_config(tmp_path):
     assert vanilla[:3] == [sys.executable, "serve", "/m"]
     assert vanilla[vanilla.index("--kv-cache-memory-bytes") + 1] == str(64 << 20)
     assert "--enforce-eager" in vanilla and vanilla[-2:] == ["--swap-space", "0"]
+    assert "--no-enable-prefix-caching" in vanilla  # like the plugin, which turns it off
+    cached = bench.build_parser().parse_args(["--vanilla-prefix-caching"])
+    assert "--no-enable-prefix-caching" not in bench.server_command("vanilla", cached, "/m", 1)
     fastgen = bench.server_command("fastgen", args, "/m", 1234)
     assert fastgen[fastgen.index("--kv-policy") + 1] == "fastgen"
     assert fastgen[fastgen.index("--additional-config.recovery_ratio") + 1] == "0.9"

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passed to every server (default: vLLM's for vanilla, the plugin's for policies)")
     s.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="skip graph capture / compilation, ~60 s per start on CPU (default on)")
+    s.add_argument("--vanilla-prefix-caching", action="store_true",
+                   help="leave vLLM's prefix caching on for vanilla (default off: the plugin turns it off, and "
+                   "the passkey prompts share long prefixes, so it would measure block sharing, not eviction)")
     s.add_argument("--kv-policy-config", default=None, metavar="YAML", help="passed to plugin servers")
     s.add_argument("--policy-arg", type=_typed(parse_policy_arg), action="append", default=[],
                    metavar="KEY=VALUE", help="plugin servers get --additional-config.KEY VALUE (repeatable)")
@@ -406,6 +409,8 @@ def server_command(config: str, args, model_dir: str, port: int) -> list[str]:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
+    if config == VANILLA and not args.vanilla_prefix_caching:
+        cmd.append("--no-enable-prefix-caching")
     if config != VANILLA:
         cmd += ["--kv-policy", config]
         if args.kv_policy_config:
@@ -602,6 +607,7 @@ def run_config(config: str, args, model_dir: str, workload: list[BenchRequest], 
     kept_sum = metric_delta(after, before, "vllm_adaptive_kv:kept_fraction_sum")
     kept_count = metric_delta(after, before, "vllm_adaptive_kv:kept_fraction_count")
     row.update({"server_cmd": cmd, "start_s": start_s, "server_alive_after": server_alive,
+                "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
                 "preemptions": metric_delta(after, before, "vllm:num_preemptions_total"),
                 "kept_fraction": ratio(kept_sum, kept_count), "log": str(log_path), "samples": samples,
                 "requests": [{k: v for k, v in r.items() if k != "text"} | {"text": r["text"][:200]}
@@ -625,7 +631,8 @@ def git_commit() -> dict:
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
     for module in ("torch", "vllm"):
         try:
             info[module] = __import__(module).__version__
