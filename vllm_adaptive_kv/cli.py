@@ -4,6 +4,7 @@
     vllm-adaptive-kv model list                               known model names
     vllm-adaptive-kv demo [ARGS...]                           vllm_adaptive_kv.batch_demo.main(ARGS)
     vllm-adaptive-kv demo-core [ARGS...]                      vllm_adaptive_kv.demo.main(ARGS)
+    vllm-adaptive-kv eval [ARGS...]                           vllm_adaptive_kv.eval.main(ARGS)
     vllm-adaptive-kv bench [ARGS...]                          vllm_adaptive_kv.bench.main(ARGS)
 
 Commands that live in their own module (demo, bench, and later eval) are listed in
@@ -21,7 +22,7 @@ import sys
 DELEGATES: dict[str, tuple[str, str]] = {
     "demo": ("vllm_adaptive_kv.batch_demo", "offline vLLM batch on the embedded model: full vs fastgen"),
     "demo-core": ("vllm_adaptive_kv.demo", "the core alone on transformers' attention maps (no vLLM)"),
-    # "eval": ("vllm_adaptive_kv.eval", "..."),
+    "eval": ("vllm_adaptive_kv.eval", "quality vs KV kept: passkey, needle QA and chat fidelity over policies"),
     "bench": ("vllm_adaptive_kv.bench", "serving throughput at a fixed KV budget: vanilla vLLM vs the plugin"),
 }
 
