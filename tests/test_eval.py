@@ -1,0 +1,108 @@
+"""CI smoke test: `vllm-adaptive-kv eval --quick` through real vLLM and the plugin.
+
+It checks that the pipeline runs end to end and that results.json holds its schema
+(keys, types, ranges) and its invariants (full keeps everything and agrees with
+itself, baselines run at FastGen's measured fraction, every KV head gets a FastGen
+decision), not the quality numbers. About 1.5 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_adaptive_kv.eval import SCHEMA_VERSION, TASKS, matched_budget
+from vllm_adaptive_kv.policies import FASTGEN_LADDER
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+CLI = str(Path(sys.executable).parent / "vllm-adaptive-kv")
+LAYERS, KV_HEADS = 30, 3  # the embedded SmolLM2-135M
+SETTINGS = ["full", "fastgen T=0.90", "h2o @ fastgen T=0.90"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    proc = subprocess.run([CLI, "eval", "--quick", "--out-dir", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def test_writes_json_table_and_plots(quick_run):
+    out, results, stdout = quick_run
+    for name in ["results.md", "policy_map.png"] + [f"quality_{t}.png" for t in TASKS]:
+        assert (out / name).exists(), name
+        assert str(out / name) in stdout
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    for label in SETTINGS:
+        assert f"| {label} |" in table
+
+
+def test_top_level_schema(quick_run):
+    _, r, _ = quick_run
+    assert r["schema_version"] == SCHEMA_VERSION and r["quick"] is True
+    assert isinstance(r["model"], str) and r["command"].startswith("vllm-adaptive-kv eval --quick")
+    assert isinstance(r["machine"]["cpu_count"], int) and isinstance(r["machine"]["python"], str)
+    assert len(r["haystack_sha256"]) == 64
+    assert r["seconds"] > 0
+    assert set(r["tasks"]) == set(TASKS)
+    for task in r["tasks"].values():
+        assert task["prompts"] == 2 and isinstance(task["metric"], str)
+        assert all(isinstance(n, int) and 0 < n < 2048 for n in task["prompt_tokens"])
+    assert [s["label"] for s in r["settings"]] == SETTINGS
+    assert set(r["choice"]) >= {"rule", "chosen", "recovery_ratio", "mean_kept_fraction", "mean_loss"}
+
+
+def test_every_setting_and_task_has_ranged_numbers(quick_run):
+    _, r, _ = quick_run
+    for setting in r["settings"]:
+        assert set(setting["tasks"]) == set(TASKS)
+        assert 0 <= setting["mean_quality"] <= 100 and 0 < setting["mean_kept_fraction"] <= 1 + 1e-6
+        for name, task in setting["tasks"].items():
+            assert 0 <= task["quality"] <= 100, (setting["label"], name)
+            assert 0 < task["kept_fraction"] <= 1 + 1e-6, (setting["label"], name)
+            assert task["requests"] == len(task["prompts"]) == r["tasks"][name]["prompts"]
+            assert task["seconds"] > 0
+        for p in setting["tasks"]["chat"]["prompts"]:
+            assert 0 <= p["agreement"] <= 1
+            assert p["first_divergence"] is None or 0 <= p["first_divergence"] <= p["reference_tokens"]
+        for p in setting["tasks"]["passkey"]["prompts"] + setting["tasks"]["needle"]["prompts"]:
+            assert isinstance(p["correct"], bool) and isinstance(p["output"], str)
+
+
+def test_full_keeps_everything_and_is_its_own_reference(quick_run):
+    _, r, _ = quick_run
+    full = r["settings"][0]
+    for task in full["tasks"].values():
+        assert task["kept_fraction"] == pytest.approx(1.0)
+    assert full["tasks"]["chat"]["quality"] == 100.0
+    assert all(p["first_divergence"] is None for p in full["tasks"]["chat"]["prompts"])
+
+
+def test_fastgen_decides_every_head_and_baseline_matches_its_memory(quick_run):
+    _, r, _ = quick_run
+    fastgen, h2o = r["settings"][1], r["settings"][2]
+    for name, task in fastgen["tasks"].items():
+        assert set(task["head_policies"]) <= set(FASTGEN_LADDER)
+        assert sum(task["head_policies"].values()) == task["requests"] * LAYERS * KV_HEADS, name
+        assert task["kept_fraction"] < 1.0, name  # FastGen evicted something
+    assert h2o["matched_to"] == fastgen["label"]
+    for name in TASKS:
+        assert h2o["params"][name]["budget_ratio"] == matched_budget(fastgen["tasks"][name]["kept_fraction"])
+
+
+def test_policy_maps_cover_every_layer_and_kv_head(quick_run):
+    _, r, _ = quick_run
+    assert [m["prompt_type"] for m in r["policy_maps"]] == ["passkey", "natural text", "chat", "code"]
+    for m in r["policy_maps"]:
+        assert m["recovery_ratio"] == 0.9 and m["prompt_tokens"] > 100
+        assert len(m["heads"]) == LAYERS and all(len(layer) == KV_HEADS for layer in m["heads"])
+        assert {name for layer in m["heads"] for name in layer} <= set(FASTGEN_LADDER)

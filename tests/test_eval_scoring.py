@@ -1,0 +1,226 @@
+"""The pure parts of `vllm-adaptive-kv eval` (no vLLM): scoring, fidelity metrics,
+matched budgets, the rule that picks T, argument checks and the written outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_adaptive_kv import eval as ev
+from vllm_adaptive_kv.policies import FASTGEN_LADDER
+
+
+# --- fidelity: agreement and first divergence -------------------------------------------
+
+@pytest.mark.parametrize("ref, out, agreement, first", [
+    ([1, 2, 3, 4], [1, 2, 3, 4], 1.0, None),
+    ([1, 2, 3, 4], [1, 2, 9, 4], 0.75, 2),
+    ([1, 2, 3, 4], [9, 2, 3, 4], 0.75, 0),
+    ([1, 2, 3, 4], [1, 2], 0.5, 2),          # stopped early: the missing tokens count as misses
+    ([1, 2], [1, 2, 3, 4], 0.5, 2),          # ran on past the reference
+    ([], [], 1.0, None),
+    ([], [5], 0.0, 0),
+])
+def test_agreement_and_first_divergence(ref, out, agreement, first):
+    assert ev.token_agreement(ref, out) == pytest.approx(agreement)
+    assert ev.first_divergence(ref, out) == first
+
+
+def test_agreement_counts_positions_not_a_shared_prefix():
+    # one substituted token early on: the rest still agrees position by position
+    ref = list(range(10))
+    out = [0, 99] + list(range(2, 10))
+    assert ev.token_agreement(ref, out) == pytest.approx(0.9)
+    assert ev.first_divergence(ref, out) == 1
+
+
+def test_score_fidelity_is_mean_agreement_in_percent():
+    items = [ev.Item("a", {"prompt_tokens": 3}), ev.Item("b", {"prompt_tokens": 4})]
+    quality, rows = ev.score_fidelity(items, [[1, 2], [1, 2, 3, 4]], [[1, 2], [1, 2, 0, 0]])
+    assert quality == pytest.approx(75.0)
+    assert [r["first_divergence"] for r in rows] == [None, 2]
+    assert rows[1]["prompt_tokens"] == 4 and rows[1]["reference_tokens"] == 4
+
+
+def test_score_answers_uses_each_items_checker():
+    items = [ev.Item("a", {"answer": "12345"}, lambda t: "12345" in t),
+             ev.Item("b", {"answer": "Pepper"}, lambda t: "Pepper" in t)]
+    quality, rows = ev.score_answers(items, ["The pass key is 12345.", "It is Biscuit."])
+    assert quality == pytest.approx(50.0)
+    assert [r["correct"] for r in rows] == [True, False]
+    assert rows[0]["output"] == "The pass key is 12345."
+
+
+def test_accuracy_percent():
+    assert ev.accuracy_percent([True, True, False, True]) == pytest.approx(75.0)
+    assert ev.accuracy_percent([]) == 0.0
+
+
+# --- matched memory ------------------------------------------------------------------------
+
+def test_matched_budget_is_the_kept_fraction_rounded_and_in_range():
+    assert ev.matched_budget(0.623456) == pytest.approx(0.6235)
+    assert ev.matched_budget(1.0) == 1.0
+    assert ev.matched_budget(0.0) == pytest.approx(0.0001)  # budget_ratio must be > 0
+    with pytest.raises(ValueError, match="kept_fraction=1.5"):
+        ev.matched_budget(1.5)
+    with pytest.raises(ValueError, match="kept_fraction=-0.1"):
+        ev.matched_budget(-0.1)
+
+
+def test_matched_setting_names_its_fastgen_point_and_is_a_valid_request():
+    from vllm_adaptive_kv.config import request_policy_settings
+
+    setting = ev.matched_settings("h2o", "fastgen T=0.95", 0.41237)
+    assert setting.extra_args == {"kv_policy": "h2o", "budget_ratio": 0.4124}
+    assert setting.matched_to == "fastgen T=0.95"
+    resolved = request_policy_settings({"kv_policy": "full", "observation_window": 64}, setting.extra_args)
+    assert resolved["kv_policy"] == "h2o" and resolved["budget_ratio"] == 0.4124
+
+
+def test_fastgen_setting_is_a_valid_request():
+    from vllm_adaptive_kv.config import request_policy_settings
+
+    setting = ev.fastgen_setting(0.98)
+    assert setting.label == "fastgen T=0.98"
+    resolved = request_policy_settings({"kv_policy": "full"}, setting.extra_args)
+    assert resolved["recovery_ratio"] == 0.98
+
+
+# --- the rule that chooses T -----------------------------------------------------------------
+
+def row(policy, quality, kept, ratio=None):
+    params = {"recovery_ratio": ratio} if ratio is not None else {}
+    label = f"fastgen T={ratio}" if ratio is not None else policy
+    return {"label": label, "kv_policy": policy, "params": params, "mean_quality": quality,
+            "mean_kept_fraction": kept}
+
+
+def test_rule_picks_the_smallest_kv_within_the_loss():
+    rows = [row("full", 90.0, 1.0), row("fastgen", 80.0, 0.4, 0.9), row("fastgen", 88.5, 0.6, 0.95),
+            row("fastgen", 89.0, 0.7, 0.98), row("h2o", 95.0, 0.3)]
+    assert ev.choose_recovery_ratio(rows, max_loss=2.0)["params"]["recovery_ratio"] == 0.95
+    assert ev.choose_recovery_ratio(rows, max_loss=10.0)["params"]["recovery_ratio"] == 0.9
+    assert ev.choose_recovery_ratio(rows, max_loss=0.5) is None  # baselines are never chosen
+    choice = ev.rule_choice(rows, 2.0)
+    assert choice["recovery_ratio"] == 0.95 and choice["mean_loss"] == pytest.approx(1.5)
+    assert ev.rule_choice(rows, 0.5)["chosen"] is None
+
+
+def test_setting_row_means_over_tasks_and_drops_token_ids():
+    results = {"passkey": {"quality": 100.0, "kept_fraction": 0.5, "token_ids": [[1]]},
+               "chat": {"quality": 50.0, "kept_fraction": 0.7, "token_ids": [[2]]}}
+    r = ev.setting_row(ev.fastgen_setting(0.9), results)
+    assert r["mean_quality"] == pytest.approx(75.0) and r["mean_kept_fraction"] == pytest.approx(0.6)
+    assert "token_ids" not in r["tasks"]["passkey"]
+
+
+# --- metrics read from the registry ------------------------------------------------------------
+
+def test_kept_fraction_of_needs_every_request():
+    delta = {f"{ev.KEPT}_sum": 1.5, f"{ev.KEPT}_count": 3}
+    assert ev.kept_fraction_of(delta, 3) == pytest.approx(0.5)
+    with pytest.raises(RuntimeError, match="observed 3 requests, expected 4"):
+        ev.kept_fraction_of(delta, 4)
+
+
+def test_head_policy_counts_and_metric_delta():
+    before = {f"{ev.HEAD_POLICY}[full]": 10.0, "x": 1.0}
+    after = {f"{ev.HEAD_POLICY}[full]": 30.0, f"{ev.HEAD_POLICY}[special+punct]": 5.0, "x": 1.0}
+    delta = ev.metric_delta(before, after)
+    assert delta == {f"{ev.HEAD_POLICY}[full]": 20.0, f"{ev.HEAD_POLICY}[special+punct]": 5.0}
+    assert ev.head_policy_counts(delta) == {"full": 20, "special+punct": 5}
+
+
+def test_latest_head_map_matches_vllms_internal_ids():
+    maps = {"3-aa": [["full"]], "13-bb": [["special"]], "3-cc": [["local"]]}
+    assert ev.latest_head_map(maps, "3") == [["local"]]  # most recent entry for id 3
+    assert ev.latest_head_map(maps, "13") == [["special"]]
+    with pytest.raises(RuntimeError, match="request '4'"):
+        ev.latest_head_map(maps, "4")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recovery-ratios", "0.9,1.5"], "'1.5' is invalid: allowed values are comma-separated numbers in (0, 1]"),
+    (["--recovery-ratios", "0.9,x"], "'x' is invalid"),
+    (["--baselines", "h2o,foo"], "'foo' is invalid: allowed values are comma-separated names from streamingllm, h2o, snapkv"),
+    (["--tasks", "passkey,"], "'' is invalid"),
+    (["--max-loss", "-1"], "--max-loss: -1.0 is invalid"),
+    (["--kv-cache-mib", "8"], "--kv-cache-mib: 8 is invalid"),
+])
+def test_bad_arguments_name_the_value_and_what_is_allowed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ev.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_full_and_quick():
+    parser = ev.build_parser()
+    full = ev.resolve_args(parser.parse_args([]), parser)
+    assert full.recovery_ratios == [0.9, 0.95, 0.98, 0.99] and full.baselines == ["streamingllm", "h2o", "snapkv"]
+    quick = ev.resolve_args(parser.parse_args(["--quick"]), parser)
+    assert quick.recovery_ratios == [0.9] and quick.baselines == ["h2o"]
+    assert ev.resolve_args(parser.parse_args(["--baselines", "snapkv,snapkv"]), parser).baselines == ["snapkv"]
+
+
+def test_from_json_rejects_other_files(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"schema_version": 99}')
+    with pytest.raises(SystemExit):
+        ev.main(["--from-json", str(bad), "--out-dir", str(tmp_path)])
+    assert "is not a results.json of schema version 1" in capsys.readouterr().err
+
+
+# --- outputs from a synthetic result ---------------------------------------------------------------
+
+def synthetic_results() -> dict:
+    def task(q, k):
+        return {"quality": q, "kept_fraction": k, "seconds": 1.0, "requests": 1, "head_policies": {},
+                "prompts": [{"prompt_tokens": 10, "agreement": q / 100, "first_divergence": None if q == 100 else 3}]}
+
+    settings = [
+        {"label": "full", "kv_policy": "full", "params": {}, "matched_to": None,
+         "tasks": {"passkey": task(100.0, 1.0), "chat": task(100.0, 1.0)}, "mean_quality": 100.0,
+         "mean_kept_fraction": 1.0},
+        {"label": "fastgen T=0.90", "kv_policy": "fastgen", "params": {"recovery_ratio": 0.9}, "matched_to": None,
+         "tasks": {"passkey": task(50.0, 0.5), "chat": task(60.0, 0.6)}, "mean_quality": 55.0,
+         "mean_kept_fraction": 0.55},
+        {"label": "h2o @ fastgen T=0.90", "kv_policy": "h2o",
+         "params": {"passkey": {"budget_ratio": 0.5}, "chat": {"budget_ratio": 0.6}}, "matched_to": "fastgen T=0.90",
+         "tasks": {"passkey": task(40.0, 0.52), "chat": task(70.0, 0.61)}, "mean_quality": 55.0,
+         "mean_kept_fraction": 0.565},
+    ]
+    heads = [[FASTGEN_LADDER[(layer + h) % 5] for h in range(3)] for layer in range(30)]
+    return {"schema_version": ev.SCHEMA_VERSION, "model": "test-model",
+            "tasks": {"passkey": {"prompts": 1}, "chat": {"prompts": 1}}, "settings": settings,
+            "policy_maps": [{"recovery_ratio": 0.9, "prompt_type": "code", "prompt_tokens": 10, "heads": heads}],
+            "choice": ev.rule_choice(settings, 2.0), "seconds": 1.0}
+
+
+def test_write_outputs_table_plots_and_json(tmp_path):
+    results = synthetic_results()
+    paths = ev.write_outputs(results, tmp_path)
+    names = sorted(p.name for p in paths)
+    assert names == ["policy_map.png", "quality_chat.png", "quality_passkey.png", "results.json", "results.md"]
+    for p in paths:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    md = (tmp_path / "results.md").read_text()
+    assert "| fastgen T=0.90 | recovery_ratio=0.9 | 50.0 | 50.0 | 60.0 | 60.0 | 55.0 | 55.0 |" in md
+    assert "| h2o @ fastgen T=0.90 | budget_ratio per task = FastGen's kept fraction |" in md
+    assert "| full | 100.0 | 1/1 | - |" in md  # chat fidelity table: identical output
+    assert "no fastgen setting qualifies" in md
+
+
+def test_from_json_redraws_without_a_run(tmp_path):
+    src = tmp_path / "in"
+    ev.write_outputs(synthetic_results(), src)
+    out = tmp_path / "out"
+    assert ev.main(["--from-json", str(src / "results.json"), "--out-dir", str(out)]) == 0
+    assert (out / "results.md").read_text() == (src / "results.md").read_text()
+    assert (out / "policy_map.png").exists()
