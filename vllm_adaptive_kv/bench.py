@@ -583,6 +583,22 @@ async def warm_up(base: str) -> None:
 # --------------------------------------------------------------------------- one configuration
 
 
+def settled_metrics(base: str, timeout: float = 10.0) -> dict:
+    """/metrics once nothing runs or waits (finished requests' counters have landed);
+    {} if the server does not answer."""
+    deadline = time.monotonic() + timeout
+    values: dict = {}
+    while True:
+        try:
+            values = parse_metrics(http_get(base + "/metrics"))
+        except OSError:
+            return values
+        idle = not values.get("vllm:num_requests_running") and not values.get("vllm:num_requests_waiting")
+        if idle or time.monotonic() > deadline:
+            return values
+        time.sleep(0.2)
+
+
 def run_config(config: str, args, model_dir: str, workload: list[BenchRequest], log_dir: Path) -> dict:
     """Start the server, warm it up, run the workload, stop the server (always)."""
     port = free_port()
@@ -596,10 +612,10 @@ def run_config(config: str, args, model_dir: str, workload: list[BenchRequest], 
         wait_healthy(base, proc, args.start_timeout, log_path)
         start_s = time.perf_counter() - started
         asyncio.run(warm_up(base))
-        before = parse_metrics(http_get(base + "/metrics"))
+        before = settled_metrics(base)
         print(f"[bench] {config}: up in {start_s:.1f} s; sending {len(workload)} requests", flush=True)
         results, samples, wall = asyncio.run(drive(base, workload, args.poll_interval, args.request_timeout))
-        after = parse_metrics(http_get(base + "/metrics"))
+        after = settled_metrics(base)
         server_alive = proc.poll() is None
     finally:
         stop_server(proc)
