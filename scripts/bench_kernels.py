@@ -304,10 +304,13 @@ class KernelBench:
             need = int(1.3 * self.pool_bytes(int(batch * self.m.kv_heads * mean_len)))
             if self.skip("decode", shape, need):
                 continue
-            self.decode_one(batch, ctx, kept, shape)
+            kv_tokens, dense_err = self.decode_one(batch, ctx, kept, shape)
+            self.free()  # the pool is gone (decode_one returned) before the dense K/V is allocated
+            length = max(1, round(kv_tokens / (batch * self.m.kv_heads)))
+            self.decode_dense(batch, length, shape, self.m.head_dim ** -0.5, dense_err)
             self.free()
 
-    def decode_one(self, batch, ctx, kept, shape) -> None:
+    def decode_one(self, batch, ctx, kept, shape) -> tuple[int, float]:
         torch = self.torch
         from vllm_adaptive_kv.triton_kernels import paged_attention, paged_attention_reference
 
@@ -347,9 +350,7 @@ class KernelBench:
         # the score pass re-reads K and positions and adds into each slot's score
         score_bytes = ours_bytes + held_slots * (m.head_dim * self.esize + 4 + 8)
         self.add("decode", shape, "paged+score", ms_score, score_bytes, kv_tokens, rel_err=score_err, ok=ok)
-        del kv, slot_pos, score, out
-        self.free()
-        self.decode_dense(batch, max(1, round(kv_tokens / (batch * m.kv_heads))), shape, scale, dense_err)
+        return kv_tokens, dense_err
 
     def decode_dense_check(self, q, kv, table, lens, out, scale) -> float:
         """SDPA on the first requests' lists gathered densely (padded + masked) vs the kernel."""
@@ -434,7 +435,6 @@ class KernelBench:
         ms = self.timed(lambda: paged_attention(*args, out=out, impl="triton"))
         self.add("prefill", shape, "paged", ms, kv_tokens * (2 * m.head_dim * self.esize + 4) + qo, kv_tokens,
                  rel_err=err, ok=ok)
-        del kv, slot_pos, out
         ms_dense = self.timed(dense_fn)
         self.add("prefill", shape, variant, ms_dense, kv_tokens * 2 * m.head_dim * self.esize + qo, kv_tokens,
                  rel_err=dense_err)
@@ -518,7 +518,6 @@ class KernelBench:
         ms = self.timed(lambda: window_attention_colsum(*args, out=out, impl="triton"))
         self.add("stats", shape, "paged", ms, kv_tokens * (m.head_dim * self.esize + 4) + q.numel() * self.esize
                  + out_bytes, kv_tokens, rel_err=err, ok=ok)
-        del kv, slot_pos, out
         ms_dense = self.timed(dense_fn)
         self.add("stats", shape, "dense-matmul-softmax", ms_dense, kv_tokens * m.head_dim * self.esize
                  + q.numel() * self.esize + 4 * kv_tokens, kv_tokens, rel_err=dense_err)
