@@ -58,6 +58,7 @@ class RowState:
     tokens: int = 0  # tokens written to its lists so far (before eviction)
     profiled: bool = False  # prompt-end eviction done
     since_evict: int = 0  # tokens appended since the last eviction
+    longest: int = 0  # slots of its longest list (host bound, exact after each report)
 
     @property
     def window_start(self) -> int:
@@ -233,9 +234,10 @@ class HeadCacheRuntime:
             self._plan_native(meta, rows_t, states, total)
         for st, n in zip(states, num_tokens):
             st.tokens += n
+            st.longest += n
             if st.profiled:
                 st.since_evict += n
-        meta.width = min(self.cache.width, -(-max((s.tokens for s in states), default=0) // self.block_size))
+        meta.width = min(self.cache.width, -(-max((s.longest for s in states), default=0) // self.block_size))
         return meta
 
     def _score_weight(self, states, counts, positions, token_row) -> torch.Tensor | None:
@@ -340,12 +342,10 @@ class HeadCacheRuntime:
         width = max(meta.width, 1)
         index = meta.score_decode_index
         if index.numel():
-            self._score_lists(layer, meta.score_decode_rows, q[index][:, None],
-                              meta.positions[index][:, None], width, scale, score)
+            self._score_lists(layer, meta.score_decode_rows, q[index][:, None], width, scale, score)
         for row, start, end in meta.score_spans:
             rows = torch.tensor([row], dtype=torch.int64, device=q.device)
-            self._score_lists(layer, rows, q[None, start:end], meta.positions[None, start:end],
-                              width, scale, score)
+            self._score_lists(layer, rows, q[None, start:end], width, scale, score)
 
     def _use_kernels(self) -> bool:
         return self.impl == "triton"
@@ -413,14 +413,32 @@ class HeadCacheRuntime:
         key_pos = self.pool.slot_pos[page].reshape(num_reqs, num_heads, -1)
         return page, keys, key_pos, in_list
 
-    def _score_lists(self, layer, rows, q, q_pos, width, scale, score) -> None:
-        """Accumulate the attention of queries q [R, t, Hq, D] (all weighted) on their lists."""
-        num_reqs, t, num_q_heads, head_dim = q.shape
-        page, keys, key_pos, in_list = self._gather_keys(layer, rows, width)
-        num_heads = page.shape[1]
-        visible = in_list[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[:, None, :, None])
-        qg = q.view(num_reqs, t, num_heads, num_q_heads // num_heads, head_dim).permute(0, 2, 3, 1, 4)
-        self._accumulate_scores(qg, keys, visible, None, page, scale, score)
+    def _score_lists(self, layer, rows, q, width, scale, score) -> None:
+        """score[slot] += attention that the last ``t`` tokens of each list pay to it.
+
+        q [R, t, Hq, D]: queries of tokens that are the last t entries of every
+        list of ``rows`` (this step's own tokens), all weighted. Causality is by
+        list index, so slot positions are not read::
+
+            query i of t sees list slots j < len - (t - 1 - i)
+
+        K blocks are gathered in storage order and multiplied as stored, so the
+        transposed layout needs no transposing copy:
+        ``[R, H, 1, t*G, D] @ [R, H, Wb, D, bs] -> [R, H, Wb, t*G, bs]``.
+        """
+        num_reqs, t, _, head_dim = q.shape
+        heads, group, bs = self.num_kv_heads, self.query_group, self.block_size
+        page = self.cache.table[rows, layer, :, :width].long().clamp_min(0)  # [R, H, Wb]
+        blocks = self.pool.kv_pages[:, 0][page]  # [R, H, Wb, bs, D] copy of the raw K blocks
+        keys_t = blocks.view(*page.shape, head_dim, bs) if self.pool.k_transposed else blocks.transpose(-1, -2)
+        qg = q.view(num_reqs, t, heads, group, head_dim).transpose(1, 2).reshape(num_reqs, heads, 1, t * group,
+                                                                                   head_dim)
+        logits = torch.matmul(qg.float(), keys_t.float()).transpose(2, 3).reshape(num_reqs, heads, t * group, -1)
+        limit = self.cache.lens[rows, layer].long()[..., None] - (t - 1 - torch.arange(t, device=q.device))
+        visible = torch.arange(logits.shape[-1], device=q.device) < limit.repeat_interleave(group, dim=2)[..., None]
+        logits.mul_(scale).masked_fill_(~visible, float("-inf"))
+        col = torch.softmax(logits, dim=-1).sum(2)  # [R, H, S]
+        score.view(-1).index_put_((self._slot_ids(page),), col.reshape(-1), accumulate=True)
 
     def _accumulate_scores(self, qg, keys, visible, weight, page, scale, score) -> None:
         """score[slot] += sum over the group and the weighted rows of the probabilities.
@@ -469,14 +487,16 @@ class HeadCacheRuntime:
         held = ((lens + bs - 1) // bs).sum(dim=(1, 2))
         full_last = (lens % bs == 0).sum(dim=(1, 2))
         slots = lens.sum(dim=(1, 2))
-        per_req = torch.stack([held, full_last, slots]).T.tolist()  # the step's one host read
+        longest = lens.amax(dim=(1, 2))
+        per_req = torch.stack([held, full_last, slots, longest]).T.tolist()  # the step's one host read
         extra = torch.stack([self._evicted, self.cache.num_free.reshape(())]).tolist()
         self._evicted.zero_()
         report = StepReport(evicted_tokens=int(extra[0]), pages_free=int(extra[1]),
                             head_policy_counts=dict(self._decisions))
         self._decisions.clear()
-        for req_id, row, values in zip(meta.req_ids, meta.rows, per_req):
-            report.requests[req_id] = (*values, self.state[row].tokens)
+        for req_id, row, (held, full_last, slots, longest) in zip(meta.req_ids, meta.rows, per_req):
+            self.state[row].longest = longest
+            report.requests[req_id] = (held, full_last, slots, self.state[row].tokens)
         return report
 
     def _evict(self, rows: list[int], at_prompt_end: bool) -> None:
