@@ -179,8 +179,10 @@ def test_from_json_rejects_other_files(tmp_path, capsys):
 
 def synthetic_results() -> dict:
     def task(q, k):
+        prompt = {"prompt_tokens": 980, "depth": 0.5, "correct": q == 100.0, "agreement": q / 100,
+                  "first_divergence": None if q == 100 else 3}
         return {"quality": q, "kept_fraction": k, "seconds": 1.0, "requests": 1, "head_policies": {},
-                "prompts": [{"prompt_tokens": 10, "agreement": q / 100, "first_divergence": None if q == 100 else 3}]}
+                "prompts": [prompt]}
 
     settings = [
         {"label": "full", "kv_policy": "full", "params": {}, "matched_to": None,
@@ -215,6 +217,8 @@ def test_write_outputs_table_plots_and_json(tmp_path):
     assert "| h2o @ fastgen T=0.90 | budget_ratio per task = FastGen's kept fraction |" in md
     assert "| full | 100.0 | 1/1 | - |" in md  # chat fidelity table: identical output
     assert "no fastgen setting qualifies" in md
+    assert "## passkey accuracy by length" in md and "| fastgen T=0.90 | 0 (0/1) |" in md
+    assert "| setting | ~1000 tok |" in md and "| setting | depth 0.5 |" in md
 
 
 def test_from_json_redraws_without_a_run(tmp_path):

@@ -477,8 +477,32 @@ def divergence_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prompt_group(prompt: dict, by: str) -> float:
+    """The column a retrieval prompt falls in: its depth, or its length to the nearest 500 tokens."""
+    return prompt["depth"] if by == "depth" else 500 * max(1, round(prompt["prompt_tokens"] / 500))
+
+
+def breakdown_table(results: dict, task: str, by: str) -> str:
+    """Accuracy per setting split by prompt length or needle depth: where each policy fails."""
+    groups = sorted({prompt_group(p, by) for r in results["settings"] for p in r["tasks"][task]["prompts"]})
+    names = [f"depth {g:g}" if by == "depth" else f"~{g:g} tok" for g in groups]
+    lines = ["| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(groups)]
+    for row in results["settings"]:
+        prompts = row["tasks"][task]["prompts"]
+        cells = []
+        for g in groups:
+            hits = [p["correct"] for p in prompts if prompt_group(p, by) == g]
+            cells.append(f"{accuracy_percent(hits):.0f} ({sum(hits)}/{len(hits)})")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_markdown(results: dict, path: Path) -> None:
     parts = [f"# Evaluation results ({results['model']})\n", markdown_table(results)]
+    for task in ("passkey", "needle"):
+        if task in results["tasks"]:
+            for by in ("length", "depth"):
+                parts += [f"\n## {task} accuracy by {by}\n", breakdown_table(results, task, by)]
     if results["tasks"].get("chat"):
         parts += ["\n## Chat fidelity\n", divergence_table(results)]
     choice = results.get("choice")

@@ -76,10 +76,6 @@ def answer_matches(output: str, answer: str) -> bool:
     return bool(ans) and f" {ans} " in f" {out} "
 
 
-def exact_match(output: str, answer: str) -> bool:
-    return normalize_answer(output) == normalize_answer(answer)
-
-
 def _is_prose(paragraph: str) -> bool:
     """A paragraph of running text: not code, grammar, a heading or a table."""
     lines = paragraph.split("\n")
