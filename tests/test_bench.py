@@ -170,7 +170,7 @@ def test_latency_stats_skip_missing():
 
 def row(config, tps, peak, acc, ttft=(1.0, 2.0)):
     return {"config": config, "output_tokens_per_s": tps, "requests_per_s": tps / 16, "peak_running": peak,
-            "mean_kv_usage": 0.5, "ttft_s": {"p50": ttft[0], "p99": ttft[1]},
+            "mean_kv_usage": 0.5, "mean_kv_usage_running": 0.6, "ttft_s": {"p50": ttft[0], "p99": ttft[1]},
             "tpot_s": {"p50": 0.1, "p99": None}, "accuracy": acc, "failed": 0}
 
 
@@ -228,10 +228,11 @@ def test_summaries_from_samples_and_results():
     samples = [{"t": 0.0, "inflight": 0, "running": 0.0, "waiting": 0.0, "kv_usage": 0.0},
                {"t": 0.2, "inflight": 4, "running": 2.0, "waiting": 2.0, "kv_usage": 0.5},
                {"t": 0.4, "inflight": 2, "running": 2.0, "waiting": 0.0, "kv_usage": 1.0},
+               {"t": 0.5, "inflight": 1, "running": 0.0, "waiting": 1.0, "kv_usage": 0.0},  # stale gauge
                {"t": 0.6, "inflight": 0, "running": 0.0, "waiting": 0.0, "kv_usage": 0.0}]
     s = bench.summarize_samples(samples)
-    assert s == {"peak_running": 2.0, "peak_waiting": 2.0, "mean_kv_usage": 0.75, "max_kv_usage": 1.0,
-                 "num_samples": 4}
+    assert s == {"peak_running": 2.0, "peak_waiting": 2.0, "mean_kv_usage": 0.5, "mean_kv_usage_running": 0.75,
+                 "max_kv_usage": 1.0, "num_samples": 5}
     render, count = fake_tokenizer()
     workload = bench.build_workload(2, (200, 200), (4, 4), 0, None, render, count)
     results = [bench._result(workload[0], 0.0, [0.5, 0.6, 0.7, 0.8], f"key {workload[0].passkey}", 4, None),

@@ -46,6 +46,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2
                "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 # Ratios against vanilla: (result key path, label).
 RATIO_KEYS = (("output_tokens_per_s",), ("requests_per_s",), ("peak_running",), ("mean_kv_usage",),
+              ("mean_kv_usage_running",),
               ("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"))
 
 
@@ -325,14 +326,20 @@ def metric_delta(after: dict, before: dict, name: str) -> float | None:
 def summarize_samples(samples: list[dict]) -> dict:
     """Peak running / waiting and KV usage (mean and max, as fractions) from /metrics samples.
 
-    The mean is over samples taken while the client had requests in flight.
+    ``mean_kv_usage`` is over the samples taken while the client had requests in
+    flight. vLLM publishes its gauges at the end of each engine step, after finished
+    requests freed their blocks, so during a long step (a 1k-token prefill on CPU) they
+    still show the previous step's end, often 0 running and 0 KV. Hence also
+    ``mean_kv_usage_running``: the mean over in-flight samples that report running > 0.
     """
     busy = [s for s in samples if s["inflight"] > 0]
     usage = [s["kv_usage"] for s in busy if s["kv_usage"] is not None]
+    usage_running = [s["kv_usage"] for s in busy if s["kv_usage"] is not None and s["running"]]
     running = [s["running"] for s in samples if s["running"] is not None]
     waiting = [s["waiting"] for s in samples if s["waiting"] is not None]
     return {"peak_running": max(running, default=None), "peak_waiting": max(waiting, default=None),
             "mean_kv_usage": sum(usage) / len(usage) if usage else None,
+            "mean_kv_usage_running": sum(usage_running) / len(usage_running) if usage_running else None,
             "max_kv_usage": max(usage, default=None), "num_samples": len(samples)}
 
 
@@ -362,27 +369,29 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'config':>9} {'out tok/s':>9} {'req/s':>7} {'peak run':>8} {'mean KV%':>8} "
+    head = (f"{'config':>9} {'out tok/s':>9} {'req/s':>7} {'peak run':>8} {'mean KV%':>8} {'KV% run':>7} "
             f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'passkey':>7} {'failed':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['config']:>9} {_fmt(r['output_tokens_per_s'], '9.2f')} {_fmt(r['requests_per_s'], '7.3f')} "
             f"{_fmt(r['peak_running'], '8.0f')} {_fmt(r['mean_kv_usage'], '8.1f', 100)} "
+            f"{_fmt(r.get('mean_kv_usage_running'), '7.1f', 100)} "
             f"{_fmt(r['ttft_s']['p50'], '8.2f')}s {_fmt(r['ttft_s']['p99'], '8.2f')}s "
             f"{_fmt(r['tpot_s']['p50'], '7.1f', 1e3)}ms {_fmt(r['tpot_s']['p99'], '7.1f', 1e3)}ms "
             f"{_fmt(r['accuracy'], '6.1f', 100)}% {r['failed']:>6}")
     ratio_rows = [r for r in rows if r.get("vs_vanilla") and r["config"] != VANILLA]
     if ratio_rows:
         lines.append("")
-        lines.append(f"{'vs vanilla':>10} {'out tok/s':>9} {'req/s':>7} {'peak run':>8} {'mean KV':>8} "
+        lines.append(f"{'vs vanilla':>10} {'out tok/s':>9} {'req/s':>7} {'peak run':>8} {'mean KV':>8} {'KV run':>7} "
                      f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'passkey':>7}")
         for r in ratio_rows:
             v = r["vs_vanilla"]
             cells = [_fmt(v[k], '8.2f') + "x" for k in ("output_tokens_per_s", "requests_per_s")]
             lines.append(
                 f"{r['config']:>10} {cells[0]:>9} {cells[1]:>7} {_fmt(v['peak_running'], '7.2f')}x "
-                f"{_fmt(v['mean_kv_usage'], '7.2f')}x {_fmt(v['ttft_s_p50'], '8.2f')}x "
+                f"{_fmt(v['mean_kv_usage'], '7.2f')}x {_fmt(v.get('mean_kv_usage_running'), '6.2f')}x "
+                f"{_fmt(v['ttft_s_p50'], '8.2f')}x "
                 f"{_fmt(v['ttft_s_p99'], '8.2f')}x {_fmt(v['tpot_s_p50'], '8.2f')}x "
                 f"{_fmt(v['tpot_s_p99'], '8.2f')}x {_fmt(v['accuracy_points'], '+5.1f')}pt")
     return "\n".join(lines)
