@@ -59,6 +59,9 @@ class RowState:
     profiled: bool = False  # prompt-end eviction done
     since_evict: int = 0  # tokens appended since the last eviction
     longest: int = 0  # slots of its longest list (host bound, exact after each report)
+    # [L, H] bool: lists whose decode tokens accumulate scores (None = all of them).
+    # FastGen narrows it at prompt end to heads whose rung uses frequent tokens.
+    score_heads: torch.Tensor | None = None
 
     @property
     def window_start(self) -> int:
@@ -87,7 +90,8 @@ class StepMetadata:
 
     seq_start     [H*R + 1] int32  first query row of sequence s in the head-major
                   query ``q.view(T, H, G, D).transpose(0, 1)``, i.e. h * T + start_i
-    score_decode_index / score_decode_rows  one-token requests that accumulate scores
+    score_decode  per layer: (token [N], row [N], head [N]) lists of one-token
+                  requests that accumulate scores at that layer, or None
     score_spans   (row, start, end) token ranges of longer requests that do
     """
 
@@ -105,8 +109,7 @@ class StepMetadata:
     width: int
     rows_t: torch.Tensor | None = None
     seq_start: torch.Tensor | None = None
-    score_decode_index: torch.Tensor | None = None
-    score_decode_rows: torch.Tensor | None = None
+    score_decode: list | None = None
     score_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
@@ -268,15 +271,15 @@ class HeadCacheRuntime:
         """Sequence starts for the native op, and which tokens accumulate scores."""
         device = rows_t.device
         starts, start = [], 0
-        decode, decode_rows = [], []
+        decode, decode_heads = [], []
         for row, n, st in zip(meta.rows, meta.num_tokens, states):
             starts.append(start)
             # st.tokens is still the position of this step's first token.
             first = start + max(0, st.window_start - st.tokens)
             if st.needs_scores and first < start + n:
                 if n == 1:
-                    decode.append(start)
-                    decode_rows.append(row)
+                    decode.append((start, row))
+                    decode_heads.append(st.score_heads)
                 else:
                     meta.score_spans.append((row, first, start + n))
             start += n
@@ -285,8 +288,30 @@ class HeadCacheRuntime:
             self.num_kv_heads * total]
         meta.rows_t = rows_t
         meta.seq_start = torch.tensor(seq_start, dtype=torch.int32, device=device)
-        meta.score_decode_index = torch.tensor(decode, dtype=torch.int64, device=device)
-        meta.score_decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+        meta.score_decode = self._decode_score_lists(decode, decode_heads, device)
+
+    def _decode_score_lists(self, decode, decode_heads, device) -> list:
+        """Per layer, the (token, row, head) lists whose decode token is scored.
+
+        decode: (token index, row) of one-token scoring requests; decode_heads:
+        their ``score_heads`` masks. Lists are grouped by layer::
+
+            mask [Rd, L, H] -> nonzero of [L, Rd, H] -> (layer, i, head), layer-sorted
+        """
+        per_layer: list = [None] * self.num_layers
+        if not decode:
+            return per_layer
+        full = torch.ones(self.num_layers, self.num_kv_heads, dtype=torch.bool)
+        mask = torch.stack([full if m is None else m for m in decode_heads]).transpose(0, 1)
+        layer, item, head = mask.nonzero(as_tuple=True)
+        tokens = torch.tensor([t for t, _ in decode], dtype=torch.int64)[item]
+        rows = torch.tensor([r for _, r in decode], dtype=torch.int64)[item]
+        counts = mask.sum(dim=(1, 2)).tolist()
+        for lay, tok, row, hd in zip(range(self.num_layers), tokens.split(counts), rows.split(counts),
+                                     head.split(counts)):
+            if tok.numel():
+                per_layer[lay] = (tok.to(device), row.to(device), hd.to(device))
+        return per_layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                out: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
@@ -340,12 +365,15 @@ class HeadCacheRuntime:
     def _score_native(self, layer, q, meta: StepMetadata, scale: float, score) -> None:
         """Scores of the observation rows only (the native op returns no probabilities)."""
         width = max(meta.width, 1)
-        index = meta.score_decode_index
-        if index.numel():
-            self._score_lists(layer, meta.score_decode_rows, q[index][:, None], width, scale, score)
+        num_tokens, _, head_dim = q.shape
+        by_head = q.view(num_tokens, self.num_kv_heads, self.query_group, head_dim)
+        if meta.score_decode[layer] is not None:
+            token, row, head = meta.score_decode[layer]
+            self._score_lists(by_head[token, head][:, None], self.cache.table[row, layer, head, :width],
+                              self.cache.lens[row, layer, head], scale, score)
         for row, start, end in meta.score_spans:
-            rows = torch.tensor([row], dtype=torch.int64, device=q.device)
-            self._score_lists(layer, rows, q[None, start:end], width, scale, score)
+            self._score_lists(by_head[start:end].transpose(0, 1), self.cache.table[row, layer, :, :width],
+                              self.cache.lens[row, layer], scale, score)
 
     def _use_kernels(self) -> bool:
         return self.impl == "triton"
@@ -413,31 +441,29 @@ class HeadCacheRuntime:
         key_pos = self.pool.slot_pos[page].reshape(num_reqs, num_heads, -1)
         return page, keys, key_pos, in_list
 
-    def _score_lists(self, layer, rows, q, width, scale, score) -> None:
+    def _score_lists(self, q, page, lens, scale, score) -> None:
         """score[slot] += attention that the last ``t`` tokens of each list pay to it.
 
-        q [R, t, Hq, D]: queries of tokens that are the last t entries of every
-        list of ``rows`` (this step's own tokens), all weighted. Causality is by
+        q [N, t, G, D]: the queries of N lists' last t entries (all weighted);
+        page [N, Wb] their page tables, lens [N] their lengths. Causality is by
         list index, so slot positions are not read::
 
             query i of t sees list slots j < len - (t - 1 - i)
 
         K blocks are gathered in storage order and multiplied as stored, so the
         transposed layout needs no transposing copy:
-        ``[R, H, 1, t*G, D] @ [R, H, Wb, D, bs] -> [R, H, Wb, t*G, bs]``.
+        ``[N, 1, t*G, D] @ [N, Wb, D, bs] -> [N, Wb, t*G, bs]``.
         """
-        num_reqs, t, _, head_dim = q.shape
-        heads, group, bs = self.num_kv_heads, self.query_group, self.block_size
-        page = self.cache.table[rows, layer, :, :width].long().clamp_min(0)  # [R, H, Wb]
-        blocks = self.pool.kv_pages[:, 0][page]  # [R, H, Wb, bs, D] copy of the raw K blocks
-        keys_t = blocks.view(*page.shape, head_dim, bs) if self.pool.k_transposed else blocks.transpose(-1, -2)
-        qg = q.view(num_reqs, t, heads, group, head_dim).transpose(1, 2).reshape(num_reqs, heads, 1, t * group,
-                                                                                   head_dim)
-        logits = torch.matmul(qg.float(), keys_t.float()).transpose(2, 3).reshape(num_reqs, heads, t * group, -1)
-        limit = self.cache.lens[rows, layer].long()[..., None] - (t - 1 - torch.arange(t, device=q.device))
-        visible = torch.arange(logits.shape[-1], device=q.device) < limit.repeat_interleave(group, dim=2)[..., None]
+        num_lists, t, group, head_dim = q.shape
+        page = page.long().clamp_min(0)
+        blocks = self.pool.kv_pages[:, 0][page]  # [N, Wb, bs, D]: copies of the raw K blocks
+        keys_t = blocks.view(*page.shape, head_dim, -1) if self.pool.k_transposed else blocks.transpose(-1, -2)
+        qg = q.reshape(num_lists, 1, t * group, head_dim)
+        logits = torch.matmul(qg.float(), keys_t.float()).transpose(1, 2).reshape(num_lists, t * group, -1)
+        limit = lens.long()[:, None] - (t - 1 - torch.arange(t, device=q.device))  # [N, t]
+        visible = torch.arange(logits.shape[-1], device=q.device) < limit.repeat_interleave(group, dim=1)[..., None]
         logits.mul_(scale).masked_fill_(~visible, float("-inf"))
-        col = torch.softmax(logits, dim=-1).sum(2)  # [R, H, S]
+        col = torch.softmax(logits, dim=-1).sum(1)  # [N, S]
         score.view(-1).index_put_((self._slot_ids(page),), col.reshape(-1), accumulate=True)
 
     def _accumulate_scores(self, qg, keys, visible, weight, page, scale, score) -> None:
@@ -542,6 +568,9 @@ class HeadCacheRuntime:
         window_rows = (group_rows * self.query_group)[:, None].expand(shape[0], shape[1] * shape[2])
         profile = FastGenProfiler(policy).profile_window(view, view.scores, window_rows.reshape(-1))
         self.choice[rows_t] = profile.choice.view(shape)
+        scored = torch.tensor([i for i, name in enumerate(FastGen.ladder) if "frequent" in name])
+        for row, choice in zip(rows, profile.choice.view(shape).cpu()):
+            self.state[row].score_heads = torch.isin(choice, scored)
         self._record_head_policies(rows, profile.choice.view(shape).tolist())
         counts = torch.bincount(profile.choice, minlength=len(FastGen.ladder)).tolist()
         for name, count in zip(FastGen.ladder, counts):
