@@ -58,7 +58,9 @@ def test_top_level_schema(quick_run):
         assert task["prompts"] == 2 and isinstance(task["metric"], str)
         assert all(isinstance(n, int) and 0 < n < 2048 for n in task["prompt_tokens"])
     assert [s["label"] for s in r["settings"]] == SETTINGS
-    assert set(r["choice"]) >= {"rule", "chosen", "recovery_ratio", "mean_kept_fraction", "mean_loss"}
+    assert [c["tasks"] for c in r["choices"]] == [list(TASKS), ["passkey", "needle"]]
+    for choice in r["choices"]:
+        assert set(choice) == {"tasks", "rule", "chosen", "recovery_ratio", "mean_kept_fraction", "mean_loss"}
 
 
 def test_every_setting_and_task_has_ranged_numbers(quick_run):

@@ -90,22 +90,40 @@ def test_fastgen_setting_is_a_valid_request():
 
 # --- the rule that chooses T -----------------------------------------------------------------
 
-def row(policy, quality, kept, ratio=None):
+def row(policy, passkey, chat, kept, ratio=None):
+    """A result row with two tasks; ``kept`` is the same on both."""
     params = {"recovery_ratio": ratio} if ratio is not None else {}
     label = f"fastgen T={ratio}" if ratio is not None else policy
-    return {"label": label, "kv_policy": policy, "params": params, "mean_quality": quality,
-            "mean_kept_fraction": kept}
+    tasks = {"passkey": {"quality": passkey, "kept_fraction": kept}, "chat": {"quality": chat, "kept_fraction": kept}}
+    return {"label": label, "kv_policy": policy, "params": params, "tasks": tasks}
+
+
+RULE_ROWS = [row("full", 100.0, 100.0, 1.0), row("fastgen", 80.0, 20.0, 0.4, 0.9),
+             row("fastgen", 100.0, 97.0, 0.6, 0.95), row("fastgen", 100.0, 99.0, 0.7, 0.98),
+             row("h2o", 100.0, 100.0, 0.3)]
 
 
 def test_rule_picks_the_smallest_kv_within_the_loss():
-    rows = [row("full", 90.0, 1.0), row("fastgen", 80.0, 0.4, 0.9), row("fastgen", 88.5, 0.6, 0.95),
-            row("fastgen", 89.0, 0.7, 0.98), row("h2o", 95.0, 0.3)]
-    assert ev.choose_recovery_ratio(rows, max_loss=2.0)["params"]["recovery_ratio"] == 0.95
-    assert ev.choose_recovery_ratio(rows, max_loss=10.0)["params"]["recovery_ratio"] == 0.9
-    assert ev.choose_recovery_ratio(rows, max_loss=0.5) is None  # baselines are never chosen
-    choice = ev.rule_choice(rows, 2.0)
-    assert choice["recovery_ratio"] == 0.95 and choice["mean_loss"] == pytest.approx(1.5)
-    assert ev.rule_choice(rows, 0.5)["chosen"] is None
+    both = ("passkey", "chat")
+    assert ev.choose_recovery_ratio(RULE_ROWS, 2.0, both)["params"]["recovery_ratio"] == 0.95  # loss 1.5
+    assert ev.choose_recovery_ratio(RULE_ROWS, 50.0, both)["params"]["recovery_ratio"] == 0.9
+    assert ev.choose_recovery_ratio(RULE_ROWS, 1.0, both)["params"]["recovery_ratio"] == 0.98
+    assert ev.choose_recovery_ratio(RULE_ROWS, 0.1, both) is None  # baselines are never chosen
+
+
+def test_rule_over_a_subset_of_tasks():
+    # on passkey alone, T=0.95 and T=0.98 lose nothing; the smaller KV wins
+    assert ev.choose_recovery_ratio(RULE_ROWS, 0.0, ("passkey",))["params"]["recovery_ratio"] == 0.95
+
+
+def test_rule_choices_all_tasks_and_retrieval():
+    choices = ev.rule_choices(RULE_ROWS, 1.0)
+    assert [c["tasks"] for c in choices] == [["passkey", "chat"], ["passkey"]]
+    assert choices[0]["recovery_ratio"] == 0.98 and choices[0]["mean_loss"] == pytest.approx(0.5)
+    assert choices[0]["mean_kept_fraction"] == pytest.approx(0.7)
+    assert choices[1]["recovery_ratio"] == 0.95 and choices[1]["mean_loss"] == 0.0
+    none = ev.rule_choice(RULE_ROWS, 0.1, ("passkey", "chat"))
+    assert none["chosen"] is None and none["recovery_ratio"] is None
 
 
 def test_setting_row_means_over_tasks_and_drops_token_ids():
@@ -200,7 +218,7 @@ def synthetic_results() -> dict:
     return {"schema_version": ev.SCHEMA_VERSION, "model": "test-model",
             "tasks": {"passkey": {"prompts": 1}, "chat": {"prompts": 1}}, "settings": settings,
             "policy_maps": [{"recovery_ratio": 0.9, "prompt_type": "code", "prompt_tokens": 10, "heads": heads}],
-            "choice": ev.rule_choice(settings, 2.0), "seconds": 1.0}
+            "choices": ev.rule_choices(settings, 2.0), "seconds": 1.0}
 
 
 def test_write_outputs_table_plots_and_json(tmp_path):
