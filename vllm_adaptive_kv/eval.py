@@ -659,7 +659,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     from vllm import LLM
 
-    from .haystack import source_digest
+    from .haystack import documentation_paragraphs, source_digest
     from .model import prepare_model
 
     size = QUICK_SIZE if args.quick else FULL_SIZE
@@ -673,7 +673,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         log(f"engine up in {time.perf_counter() - started:.0f} s; "
             + ", ".join(f"{t}: {len(v)} prompts" for t, v in suite.items()))
         rows = evaluate_settings(llm, suite, size, args)
-        maps = [] if args.no_maps else policy_maps(llm, map_prompts(tokenizer, size, _paragraphs()),
+        maps = [] if args.no_maps else policy_maps(llm, map_prompts(tokenizer, size, documentation_paragraphs()),
                                                    args.recovery_ratios, token_counter(tokenizer))
     finally:
         del llm
@@ -689,12 +689,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     results["choices"] = rule_choices(rows, args.max_loss)
     results["seconds"] = time.perf_counter() - started
     return results
-
-
-def _paragraphs() -> list[str]:
-    from .haystack import documentation_paragraphs
-
-    return documentation_paragraphs()
 
 
 def evaluate_settings(llm, suite, size: SuiteSize, args) -> list[dict]:
