@@ -246,3 +246,14 @@ def test_from_json_redraws_without_a_run(tmp_path):
     assert ev.main(["--from-json", str(src / "results.json"), "--out-dir", str(out)]) == 0
     assert (out / "results.md").read_text() == (src / "results.md").read_text()
     assert (out / "policy_map.png").exists()
+
+
+def test_cli_delegates_eval_and_keeps_its_errors(capsys):
+    from vllm_adaptive_kv import cli
+
+    assert "eval" in cli.DELEGATES
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "--tasks", "summaries"])
+    assert exc.value.code == 2
+    assert "'summaries' is invalid: allowed values are comma-separated names from passkey, needle, chat" \
+        in capsys.readouterr().err
