@@ -473,14 +473,13 @@ class HeadCacheRuntime:
         observation window, so the chunk's other rows are skipped (host-known
         bound: the last ``observation_window`` rows at most, or every row).
         """
-        if weight is not None and weight.shape[1] > 1:
+        if weight.shape[1] > 1:
             rows = weight.gt(0).any(0)  # [t] rows some request weights
             qg, visible, weight = qg[:, :, :, rows], visible[:, :, rows], weight[:, rows]
         logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)[:, :, None]) * scale  # [R,H,G,t,S]
         logits.masked_fill_(~visible[:, :, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        per_row = probs.sum(2)  # [R, H, t, S]
-        col = (per_row if weight is None else per_row * weight[:, None, :, None]).sum(2)  # [R, H, S]
+        col = (probs.sum(2) * weight[:, None, :, None]).sum(2)  # [R, H, S]
         score.view(-1).index_put_((self._slot_ids(page),), col.reshape(-1), accumulate=True)
 
     def _slot_ids(self, page: torch.Tensor) -> torch.Tensor:
