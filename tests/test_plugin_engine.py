@@ -4,6 +4,13 @@ One workload, three engines (vanilla, plugin ``full``, plugin ``fastgen``), all
 float32, eager, chunked prefill with a small token budget, and a KV budget so
 small that requests are preempted:
 
+    8 chats, 256 tokens each (ignore_eos)    20 passkey prompts, 1.0-1.6k tokens, 16 out
+    admitted at once, all growing:          prefilled in 256-token chunks
+    8 x (~50 + 256) > 2,275 tokens of KV    -> at least one preemption, in every engine
+
+Vanilla runs with the plugin's block size (32) and without prefix caching (which
+the plugin turns off), so both engines schedule alike and preempt alike.
+
 - equivalence: ``full`` through the plugin = vanilla, token for token;
 - savings: ``fastgen`` holds fewer KV tokens than ``full`` on passkey prompts at
   no more than 5 points of passkey accuracy lost;
@@ -19,22 +26,26 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-KV_BUDGET = 100 << 20  # float32: ~2,270 tokens, one long prompt at a time -> preemption
+KV_BUDGET = 100 << 20  # float32: ~2,270 tokens, one long prompt at a time
 MAX_BATCHED = 256  # every passkey prompt is prefilled in several chunks
 NUM_PASSKEY = 20
-MAX_TOKENS = 16
+NUM_CHATS = 8
+MAX_TOKENS = 16  # passkey answers
+CHAT_TOKENS = 256  # 8 growing chats need more KV than the budget holds: preemption
 
 
 def workload(tokenizer):
+    """Chats first (long, forced outputs), then passkey prompts; returns texts and params."""
+    from vllm import SamplingParams
+
     from vllm_adaptive_kv.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
 
     passkeys = [passkey_prompt(40 + (i * 7) % 25, depth=(i % 5) / 4, seed=500 + i) for i in range(NUM_PASSKEY)]
-    chats = [chat_text(tokenizer, q) for q in CHAT_QUESTIONS[:6]]
-    texts = [chat_text(tokenizer, p.text) for p in passkeys] + chats
-    # Interleave so that short requests join while long ones decode (more preemption).
-    order = [i for pair in zip(range(NUM_PASSKEY), range(NUM_PASSKEY, len(texts))) for i in pair]
-    order += [i for i in range(len(texts)) if i not in order]
-    return passkeys, [texts[i] for i in order], order
+    chats = [chat_text(tokenizer, q) for q in CHAT_QUESTIONS[:NUM_CHATS]]
+    texts = chats + [chat_text(tokenizer, p.text) for p in passkeys]
+    params = ([SamplingParams(temperature=0, max_tokens=CHAT_TOKENS, ignore_eos=True)] * len(chats)
+              + [SamplingParams(temperature=0, max_tokens=MAX_TOKENS)] * len(passkeys))
+    return passkeys, texts, params
 
 
 def adaptive_metrics():
@@ -52,25 +63,27 @@ def adaptive_metrics():
 
 
 def run_engine(model_dir, policy):
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.v1.metrics.reader import Counter
 
-    extra = {} if policy is None else {"additional_config": {"kv_policy": policy}}
+    if policy is None:  # vanilla, scheduled like the plugin (same block size, no prefix cache)
+        extra = {"block_size": 32, "enable_prefix_caching": False}
+    else:
+        extra = {"additional_config": {"kv_policy": policy}}
     llm = LLM(str(model_dir), dtype="float32", max_model_len=2048, kv_cache_memory_bytes=KV_BUDGET,
               max_num_batched_tokens=MAX_BATCHED, enforce_eager=True, seed=0,
               disable_log_stats=False, **extra)
     try:
-        passkeys, texts, order = workload(llm.get_tokenizer())
+        passkeys, texts, params = workload(llm.get_tokenizer())
         before = adaptive_metrics()
-        outs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+        outs = llm.generate(texts, params, use_tqdm=False)
         after = adaptive_metrics()
-        by_index = {i: o for i, o in zip(order, outs)}
-        answers = [by_index[i].outputs[0] for i in range(len(texts))]
+        answers = [o.outputs[0] for o in outs]
         metrics = {m.name: m.value for m in llm.get_metrics() if isinstance(m, Counter)}
         state = llm.collective_rpc("adaptive_kv_state") if policy is not None else None
         return {
             "tokens": [list(a.token_ids) for a in answers],
-            "accuracy": sum(p.is_correct(a.text) for p, a in zip(passkeys, answers)) / len(passkeys),
+            "accuracy": sum(p.is_correct(a.text) for p, a in zip(passkeys, answers[NUM_CHATS:])) / len(passkeys),
             "preemptions": metrics.get("vllm:num_preemptions", 0),
             "metrics": {k: after.get(k, 0) - before.get(k, 0) for k in after},
             "state": state,
@@ -89,6 +102,7 @@ def runs(smollm2_dir):
 def test_full_policy_matches_vanilla_token_for_token(runs):
     vanilla, full = runs["vanilla"], runs["full"]
     print(f"preemptions: vanilla {vanilla['preemptions']}, full {full['preemptions']}")
+    assert vanilla["preemptions"] >= 1 and full["preemptions"] >= 1, "the workload must force preemption"
     mismatched = [i for i, (a, b) in enumerate(zip(vanilla["tokens"], full["tokens"])) if a != b]
     assert not mismatched, f"prompts {mismatched} differ between vanilla vLLM and --kv-policy full"
     assert len(full["tokens"]) >= 16 and all(full["tokens"])
