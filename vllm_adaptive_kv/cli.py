@@ -6,6 +6,7 @@
     vllm-adaptive-kv demo-core [ARGS...]                      vllm_adaptive_kv.demo.main(ARGS)
     vllm-adaptive-kv eval [ARGS...]                           vllm_adaptive_kv.eval.main(ARGS)
     vllm-adaptive-kv bench [ARGS...]                          vllm_adaptive_kv.bench.main(ARGS)
+    vllm-adaptive-kv overhead [ARGS...]                       vllm_adaptive_kv.overhead.main(ARGS)
 
 Commands that live in their own module (demo, bench, and later eval) are listed in
 ``DELEGATES``: each gets the rest of the command line as ``module.main(argv)``.
@@ -24,6 +25,7 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "demo-core": ("vllm_adaptive_kv.demo", "the core alone on transformers' attention maps (no vLLM)"),
     "eval": ("vllm_adaptive_kv.eval", "quality vs KV kept: passkey, needle QA and chat fidelity over policies"),
     "bench": ("vllm_adaptive_kv.bench", "serving throughput at a fixed KV budget: vanilla vLLM vs the plugin"),
+    "overhead": ("vllm_adaptive_kv.overhead", "per-step cost of our bookkeeping and eviction at 16/64/256 running"),
 }
 
 

@@ -121,12 +121,14 @@ class StepReport:
     """What the scheduler needs after a step; plain Python values (picklable).
 
     requests: req_id -> (pages_held, lists_with_full_last_page, slots_held, tokens)
+    timings: seconds per part (vllm_adaptive_kv.timing), empty unless timing is on
     """
 
     requests: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     evicted_tokens: int = 0
     head_policy_counts: dict[str, int] = field(default_factory=dict)
     pages_free: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class HeadCacheRuntime:

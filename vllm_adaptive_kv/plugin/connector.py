@@ -18,6 +18,7 @@ sees them. We use it to carry ``StepReport``s (pages held per request) to the
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from ..runtime import StepReport
+from ..timing import PARTS, merge_ranks, overhead_summary, timing_enabled
 from .spec import AdaptiveKVManager, HeldPages
 
 KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -46,17 +48,19 @@ class ReportMeta(KVConnectorWorkerMetadata):
 
     requests: req_id -> [pages_held, full_lists, slots_held, tokens]; pages and full
     lists take the fullest rank (the scheduler must fit it), slots add up.
+    timings: worker seconds per part (opt-in), the slowest rank's.
     """
 
     requests: dict[str, list[int]] = field(default_factory=dict)
     evicted_tokens: int = 0
     head_policy: dict[str, int] = field(default_factory=dict)
     pages_free: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_report(cls, report: StepReport) -> "ReportMeta":
         return cls({k: list(v) for k, v in report.requests.items()}, report.evicted_tokens,
-                   dict(report.head_policy_counts), report.pages_free)
+                   dict(report.head_policy_counts), report.pages_free, dict(report.timings))
 
     def aggregate(self, other: "ReportMeta") -> "ReportMeta":
         merged = {k: list(v) for k, v in self.requests.items()}
@@ -66,19 +70,21 @@ class ReportMeta(KVConnectorWorkerMetadata):
             mine[2] += slots
         policy = Counter(self.head_policy) + Counter(other.head_policy)
         return ReportMeta(merged, self.evicted_tokens + other.evicted_tokens, dict(policy),
-                          self.pages_free + other.pages_free)
+                          self.pages_free + other.pages_free, merge_ranks(self.timings, other.timings))
 
 
 @dataclass
 class AdaptiveKVStats(KVConnectorStats):
     """Stats since the last read: kept fractions of finished requests, evicted
-    tokens, per-head decisions and the latest free page count."""
+    tokens, per-head decisions, the latest free page count and, when timing is on,
+    summed seconds per part with the number of timed steps (``timing``)."""
 
     def __post_init__(self) -> None:
         self.data.setdefault("kept_fraction", [])
         self.data.setdefault("evicted_tokens", 0)
         self.data.setdefault("head_policy", {})
         self.data.setdefault("pages_free", None)
+        self.data.setdefault("timing", {})
 
     def reset(self) -> None:
         self.data = {}
@@ -91,6 +97,7 @@ class AdaptiveKVStats(KVConnectorStats):
         self.data["head_policy"] = dict(Counter(self.data["head_policy"]) + Counter(data.get("head_policy", {})))
         if data.get("pages_free") is not None:
             self.data["pages_free"] = data["pages_free"]
+        self.data["timing"] = dict(Counter(self.data["timing"]) + Counter(data.get("timing", {})))
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -103,11 +110,15 @@ class AdaptiveKVStats(KVConnectorStats):
             out["pages_free"] = self.data["pages_free"]
         for name, count in sorted(self.data["head_policy"].items()):
             out[f"heads_{name}"] = count
+        timing = self.data["timing"]
+        for name, value in overhead_summary(timing, int(timing.get("steps", 0))).items():
+            out[f"overhead_{name}"] = value
         return out
 
     def is_empty(self) -> bool:
         d = self.data
-        return not d["kept_fraction"] and not d["evicted_tokens"] and not d["head_policy"] and d["pages_free"] is None
+        return (not d["kept_fraction"] and not d["evicted_tokens"] and not d["head_policy"]
+                and d["pages_free"] is None and not d["timing"])
 
 
 def unregister_adaptive_metrics() -> None:
@@ -140,6 +151,14 @@ class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
         self.pages_free = self._gauge_cls(
             name="vllm_adaptive_kv:pages_free", labelnames=labelnames, multiprocess_mode="mostrecent",
             documentation="Free per-(layer, KV head) pages in the pool (all TP ranks).")
+        self.overhead = self._counter_cls(
+            name="vllm_adaptive_kv:overhead_seconds", labelnames=labelnames + ["part"],
+            documentation="Opt-in (VLLM_ADAPTIVE_KV_TIMING=1) seconds per part: sched (our block "
+                          "reservation and report handling), step (scheduler step), plan, evict (eviction "
+                          "and compaction), worker_step (execute_model); see vllm_adaptive_kv.timing.")
+        self.timed_steps = self._counter_cls(
+            name="vllm_adaptive_kv:timed_steps", labelnames=labelnames,
+            documentation="Opt-in (VLLM_ADAPTIVE_KV_TIMING=1) engine steps covered by overhead_seconds.")
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues[engine_idx]
@@ -152,6 +171,12 @@ class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
             self.head_policy.labels(*labels, name).inc(count)
         if transfer_stats_data.get("pages_free") is not None:
             self.pages_free.labels(*labels).set(transfer_stats_data["pages_free"])
+        timing = transfer_stats_data.get("timing") or {}
+        for part in PARTS:
+            if timing.get(part):
+                self.overhead.labels(*labels, part[:-2]).inc(timing[part])
+        if timing.get("steps"):
+            self.timed_steps.labels(*labels).inc(timing["steps"])
 
 
 class AdaptiveKVConnector(KVConnectorBase_V1):
@@ -165,6 +190,9 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         self._finishing: set[str] = set()
         self._stats = AdaptiveKVStats()
         self._total_lists = self._count_lists(vllm_config, kv_cache_config)
+        self._timing = timing_enabled()
+        self._reserve_s = 0.0  # our block reservation inside this step's schedule()
+        self._scheduled_at: float | None = None  # end of this step's schedule()
 
     @staticmethod
     def _count_lists(vllm_config, kv_cache_config) -> int:
@@ -208,6 +236,22 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         self._manager = managers[0]
         tp = self._vllm_config.parallel_config.tensor_parallel_size
         self._manager.configure(self._total_lists // tp)
+        if self._timing:
+            self._time_reservations(self._manager)
+
+    def _time_reservations(self, manager: AdaptiveKVManager) -> None:
+        """Charge the manager's reservation calls to this step's ``sched_s`` (timing on)."""
+        for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
+            method = getattr(manager, name)
+
+            def timed(*args, _method=method, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self._reserve_s += time.perf_counter() - start
+
+            setattr(manager, name, timed)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return 0, False
@@ -216,15 +260,27 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         return None
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        if self._timing:  # schedule() ends here
+            self._scheduled_at = time.perf_counter()
         return EmptyMeta()
 
     def update_connector_output(self, connector_output) -> None:
+        start = time.perf_counter()
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, ReportMeta):
             self._apply(meta)
         for req_id in self._finishing:
             self._observe_finished(req_id)
         self._finishing.clear()
+        if self._timing and self._scheduled_at is not None:
+            self._record_step_timing(start, meta.timings if isinstance(meta, ReportMeta) else {})
+
+    def _record_step_timing(self, update_start: float, worker: dict[str, float]) -> None:
+        end = time.perf_counter()
+        step = {"steps": 1, "sched_s": self._reserve_s + (end - update_start),
+                "step_s": self._reserve_s + (end - self._scheduled_at), **worker}
+        self._stats.data["timing"] = dict(Counter(self._stats.data["timing"]) + Counter(step))
+        self._reserve_s, self._scheduled_at = 0.0, None
 
     def _apply(self, meta: ReportMeta) -> None:
         for req_id, values in meta.requests.items():

@@ -18,7 +18,9 @@ engine step, inside vLLM's V1 ``execute_model``::
 from __future__ import annotations
 
 import os
+import time
 
+import torch
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 from vllm.logger import init_logger
 from vllm.v1.worker import cpu_worker
@@ -28,6 +30,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from ..config import parse_policy_config, request_policy_settings
 from ..layout import KVPool
 from ..runtime import HeadCacheRuntime
+from ..timing import StepTimer, timing_enabled
 from ..token_classes import build_token_flags
 from .backend import AdaptiveMetadataBuilder, StepSource, pool_view
 from .cpu_attention import VllmCpuPagedAttention, native_cpu_attention_available
@@ -43,6 +46,8 @@ class AdaptiveRunnerMixin:
 
     _adaptive_source: StepSource | None = None
     _adaptive_output = None  # the SchedulerOutput of the step being executed
+    _adaptive_timer = StepTimer()  # disabled; initialize_kv_cache enables it on request
+    _adaptive_step_start = 0.0
 
     # --- set-up ------------------------------------------------------------------
 
@@ -54,6 +59,9 @@ class AdaptiveRunnerMixin:
         kv_caches = [self.compilation_config.static_forward_context[n].kv_cache for n in layer_names]
         self._adaptive_source = StepSource(self._build_runtime(kv_caches, len(layer_names)),
                                            {n: i for i, n in enumerate(layer_names)})
+        if timing_enabled():
+            on_cuda = kv_caches[0].is_cuda
+            self._adaptive_timer = StepTimer(True, torch.cuda.synchronize if on_cuda else None)
         for groups in self.attn_groups:
             for group in groups:
                 builder = group.get_metadata_builder()
@@ -97,6 +105,7 @@ class AdaptiveRunnerMixin:
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         self._adaptive_output = scheduler_output
+        self._adaptive_step_start = time.perf_counter()
         try:
             return super().execute_model(scheduler_output, *args, **kwargs)
         finally:
@@ -114,7 +123,8 @@ class AdaptiveRunnerMixin:
 
     def _build_attention_metadata(self, *args, **kwargs):
         if self._adaptive_output is not None and self._adaptive_source is not None:
-            self._plan_step(kwargs["num_scheduled_tokens"], kwargs["num_tokens"])
+            with self._adaptive_timer.part("plan_s"):
+                self._plan_step(kwargs["num_scheduled_tokens"], kwargs["num_tokens"])
         return super()._build_attention_metadata(*args, **kwargs)
 
     def _plan_step(self, num_scheduled: dict, total: int) -> None:
@@ -139,7 +149,11 @@ class AdaptiveRunnerMixin:
         output = super()._model_forward(*args, **kwargs)
         source = self._adaptive_source
         if source is not None and source.step is not None:
-            report = source.runtime.finish_step(source.step)
+            with self._adaptive_timer.part("evict_s"):
+                report = source.runtime.finish_step(source.step)
+            if self._adaptive_timer.enabled:  # the step up to its report; sampling comes after
+                self._adaptive_timer.add("worker_step_s", time.perf_counter() - self._adaptive_step_start)
+                report.timings = self._adaptive_timer.take()
             if has_kv_transfer_group():
                 get_kv_transfer_group().set_step_report(report)
         return output
