@@ -161,7 +161,18 @@ def main(argv=None) -> int:
         print(f"vllm-adaptive-kv overhead: --prompt-tokens={args.prompt_tokens} / --output-tokens="
               f"{args.output_tokens} invalid: allowed prompt >= 64 and output >= 1", file=sys.stderr)
         return 2
+    previous = os.environ.get(TIMING_ENV)
     os.environ[TIMING_ENV] = "1"  # inherited by the engine core and its workers
+    try:
+        return _run(args, policies)
+    finally:
+        if previous is None:
+            os.environ.pop(TIMING_ENV, None)
+        else:
+            os.environ[TIMING_ENV] = previous
+
+
+def _run(args, policies: list[str]) -> int:
     from .bench import build_workload, git_commit, machine_info, tokenizer_fns
     from .model import prepare_model
 
