@@ -55,13 +55,14 @@ def test_merge_ranks_takes_the_slowest_rank():
 
 def test_overhead_summary_per_step_and_shares():
     totals = {"steps": 4, "sched_s": 0.004, "step_s": 0.4, "plan_s": 0.008, "evict_s": 0.012,
-              "worker_step_s": 0.4}
+              "score_s": 0.04, "worker_step_s": 0.4}
     s = overhead_summary(totals, 4)
     assert s["steps"] == 4
     assert s["sched_ms"] == pytest.approx(1.0) and s["step_ms"] == pytest.approx(100.0)
     assert s["plan_ms"] == pytest.approx(2.0) and s["evict_ms"] == pytest.approx(3.0)
     assert s["sched_pct"] == pytest.approx(1.0) and s["plan_pct"] == pytest.approx(2.0)
     assert s["evict_pct"] == pytest.approx(3.0) and s["total_pct"] == pytest.approx(6.0)
+    assert s["score_ms"] == pytest.approx(10.0) and s["with_score_pct"] == pytest.approx(16.0)
     assert overhead_summary(totals, 0) == {}
     assert "total_pct" not in overhead_summary({"steps": 1, "sched_s": 0.1}, 1)
 

@@ -11,7 +11,11 @@ steps, where fewer run, are summarized apart):
     sched_ms / sched_pct   our block reservation + report handling, of the scheduler step
     plan_ms  / plan_pct    per-step planning on the worker, of the worker step
     evict_ms / evict_pct   eviction + compaction + report, of the worker step
-    total_pct              the three shares added
+    total_pct              the three shares added (bookkeeping plus eviction)
+    score_ms / score_pct   attention-score accumulation for scoring policies, of the
+                           worker step (inside the forward; FastGen's frequent-token
+                           heads need it at every decode token)
+    with_score_pct         total_pct + score_pct
 
 Decode re-eviction runs once per request every block_size tokens, so the
 output length must cover several pages (default 96 tokens, 3 pages of 32).
@@ -133,17 +137,18 @@ def run_one(model_dir: str, policy: str, running: int, args, workload) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| policy | running | steady steps | step ms | sched ms (%) | plan ms (%) | evict ms (%) | "
-            "total % |\n|---|---|---|---|---|---|---|---|")
+            "total % | score ms (%) | with score % |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         s = r["steady"]
         if not s:
-            lines.append(f"| {r['policy']} | {r['running']} | 0 | - | - | - | - | - |")
+            lines.append(f"| {r['policy']} | {r['running']} | 0 | - | - | - | - | - | - | - |")
             continue
         lines.append(
             f"| {r['policy']} | {r['running']} | {s['steps']} | {s['worker_step_ms']:.1f} | "
             f"{s['sched_ms']:.2f} ({s.get('sched_pct', 0):.2f}%) | {s['plan_ms']:.2f} ({s.get('plan_pct', 0):.2f}%) | "
-            f"{s['evict_ms']:.2f} ({s.get('evict_pct', 0):.2f}%) | {s.get('total_pct', 0):.2f}% |")
+            f"{s['evict_ms']:.2f} ({s.get('evict_pct', 0):.2f}%) | {s.get('total_pct', 0):.2f}% | "
+            f"{s['score_ms']:.2f} ({s.get('score_pct', 0):.2f}%) | {s.get('with_score_pct', 0):.2f}% |")
     return "\n".join(lines)
 
 

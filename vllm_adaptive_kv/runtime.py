@@ -37,6 +37,7 @@ from .layout import KVPool
 from .paging import PagedHeadCache
 from .policies import FastGen, SlotView
 from .profiler import FastGenProfiler
+from .timing import StepTimer
 from .triton_kernels.compaction import compact_slots
 from .triton_kernels.paged_attention import paged_attention
 from .triton_kernels.write_kv import write_kv
@@ -181,6 +182,8 @@ class HeadCacheRuntime:
         # req_id -> [layer][kv_head] FastGen policy name chosen at prompt end; the
         # most recent PROFILE_HISTORY requests, for policy-map plots and audits.
         self.head_policies: OrderedDict[str, list[list[str]]] = OrderedDict()
+        # Opt-in timing of the attention-score accumulation (the worker swaps in its timer).
+        self.timer = StepTimer()
 
     # --- requests ------------------------------------------------------------
 
@@ -329,7 +332,8 @@ class HeadCacheRuntime:
         if self.native_attention is not None:
             self._attend_native(layer, q, out, meta, scale)
             if score is not None:
-                self._score_native(layer, q, meta, scale, score)
+                with self.timer.part("score_s"):
+                    self._score_native(layer, q, meta, scale, score)
             return out
         if self._use_kernels():
             return paged_attention(q, meta.token_row, meta.positions, self.cache.table[:, layer],

@@ -8,9 +8,11 @@ each step records, in seconds:
     sched_s  our block reservation (inside        plan_s   step planning: page tables,
              schedule()) + applying the workers'           per-head sequence lists
              reports (update_from_output)         evict_s  eviction + compaction + report
-    step_s   from the end of schedule() to the    worker_step_s  execute_model up to the
-             end of update_from_output, plus               report (sampling excluded)
-             our reservation time
+    step_s   from the end of schedule() to the    score_s  attention-score accumulation
+             end of update_from_output, plus               for scoring policies (CPU path:
+             our reservation time                          torch, beside vLLM's kernel)
+                                                  worker_step_s  execute_model up to the
+                                                           report (sampling excluded)
 
 Both step times leave out some of vLLM's own work, so the shares are upper bounds.
 
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 TIMING_ENV = "VLLM_ADAPTIVE_KV_TIMING"
-WORKER_PARTS = ("plan_s", "evict_s", "worker_step_s")
+WORKER_PARTS = ("plan_s", "score_s", "evict_s", "worker_step_s")
 SCHEDULER_PARTS = ("sched_s", "step_s")
 PARTS = SCHEDULER_PARTS + WORKER_PARTS
 
@@ -91,8 +93,9 @@ def overhead_summary(totals: dict[str, float], steps: int) -> dict[str, float]:
     """Per-step milliseconds and shares of the step from summed seconds over ``steps`` steps.
 
     ``sched_pct`` is scheduler bookkeeping over the scheduler's step time;
-    ``evict_pct`` and ``plan_pct`` are over the worker's step time; ``total_pct``
-    is their sum, the share of a step our code adds (an upper bound, see above).
+    ``plan_pct``, ``score_pct`` and ``evict_pct`` are over the worker's step time;
+    ``total_pct`` adds sched, plan and evict (bookkeeping plus eviction), and
+    ``with_score_pct`` adds the score accumulation too. Upper bounds (see above).
     """
     if steps <= 0:
         return {}
@@ -102,8 +105,9 @@ def overhead_summary(totals: dict[str, float], steps: int) -> dict[str, float]:
     if step > 0:
         out["sched_pct"] = round(100 * totals.get("sched_s", 0.0) / step, 3)
     if worker > 0:
-        out["plan_pct"] = round(100 * totals.get("plan_s", 0.0) / worker, 3)
-        out["evict_pct"] = round(100 * totals.get("evict_s", 0.0) / worker, 3)
+        for part in ("plan", "score", "evict"):
+            out[f"{part}_pct"] = round(100 * totals.get(f"{part}_s", 0.0) / worker, 3)
     if step > 0 and worker > 0:
         out["total_pct"] = round(out["sched_pct"] + out["plan_pct"] + out["evict_pct"], 3)
+        out["with_score_pct"] = round(out["total_pct"] + out["score_pct"], 3)
     return out

@@ -62,6 +62,7 @@ class AdaptiveRunnerMixin:
         if timing_enabled():
             on_cuda = kv_caches[0].is_cuda
             self._adaptive_timer = StepTimer(True, torch.cuda.synchronize if on_cuda else None)
+            self._adaptive_source.runtime.timer = self._adaptive_timer
         for groups in self.attn_groups:
             for group in groups:
                 builder = group.get_metadata_builder()
