@@ -168,6 +168,13 @@ def test_latest_head_map_matches_vllms_internal_ids():
     (["--tasks", "passkey,"], "'' is invalid"),
     (["--max-loss", "-1"], "--max-loss: -1.0 is invalid"),
     (["--kv-cache-mib", "8"], "--kv-cache-mib: 8 is invalid"),
+    (["--prompts-per-task", "0"], "'0' is invalid: allowed values are integers from 1 to 16 (2 with --quick)"),
+    (["--prompts-per-task", "six"], "'six' is invalid: allowed values are integers from 1 to 16"),
+    (["--prompts-per-task", "17"], "--prompts-per-task: 17 is invalid: allowed values are integers from 1 to 16"),
+    (["--quick", "--prompts-per-task", "3"],
+     "--prompts-per-task: 3 is invalid: allowed values are integers from 1 to 2 with --quick"),
+    (["--model", "llama-7b"], "--model: 'llama-7b' is invalid (neither a known model name nor a folder): allowed "
+     "values are a model name from qwen2.5-coder-0.5b, smollm2 or a Hugging Face model folder holding config.json"),
 ])
 def test_bad_arguments_name_the_value_and_what_is_allowed(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -183,6 +190,133 @@ def test_defaults_full_and_quick():
     quick = ev.resolve_args(parser.parse_args(["--quick"]), parser)
     assert quick.recovery_ratios == [0.9] and quick.baselines == ["h2o"]
     assert ev.resolve_args(parser.parse_args(["--baselines", "snapkv,snapkv"]), parser).baselines == ["snapkv"]
+
+
+def test_model_folder_without_config_is_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--model", str(tmp_path)])
+    assert exc.value.code == 2
+    assert f"--model: {str(tmp_path)!r} is invalid (a folder without config.json)" in capsys.readouterr().err
+
+
+def test_model_and_prompts_per_task_defaults_and_accepted_values(tmp_path):
+    parser = ev.build_parser()
+    default = ev.resolve_args(parser.parse_args([]), parser)
+    assert default.model == "smollm2" and default.prompts_per_task is None
+    assert default.size == ev.FULL_SIZE and default.size.prompts is None  # unchanged: every prompt
+    assert ev.resolve_args(parser.parse_args(["--prompts-per-task", "16"]), parser).size == ev.FULL_SIZE
+    six = ev.resolve_args(parser.parse_args(["--model", "qwen2.5-coder-0.5b", "--prompts-per-task", "6"]), parser)
+    assert six.model == "qwen2.5-coder-0.5b" and six.size.prompts == 6  # a known name: not prepared here
+    assert six.size.lengths == ev.FULL_SIZE.lengths and six.size.answer_tokens == ev.FULL_SIZE.answer_tokens
+    quick = ev.resolve_args(parser.parse_args(["--quick", "--prompts-per-task", "1"]), parser)
+    assert quick.size == ev.QUICK_SIZE.with_prompts(1) and quick.size.prompts == 1
+    (tmp_path / "config.json").write_text("{}")
+    assert ev.resolve_args(parser.parse_args(["--model", str(tmp_path)]), parser).model == str(tmp_path)
+
+
+def test_with_prompts_checks_its_range():
+    assert ev.FULL_SIZE.max_prompts == 16 and ev.QUICK_SIZE.max_prompts == 2
+    with pytest.raises(ValueError, match="prompts=17 is invalid: allowed values are integers from 1 to 16"):
+        ev.FULL_SIZE.with_prompts(17)
+    with pytest.raises(ValueError, match="prompts=0 is invalid"):
+        ev.FULL_SIZE.with_prompts(0)
+
+
+# --- a smaller suite: which prompts ------------------------------------------------------------
+
+def test_spread_order_and_evenly():
+    assert ev.spread_order(4) == [0, 3, 1, 2]
+    assert ev.spread_order(1) == [0] and ev.spread_order(2) == [0, 1]
+    assert sorted(ev.spread_order(7)) == list(range(7))
+    assert ev.evenly(3, 8) == [0, 4, 7] and ev.evenly(1, 8) == [3] and ev.evenly(9, 8) == list(range(8))
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_retrieval_subset_is_n_distinct_cells_of_the_full_grid(n):
+    full = ev.retrieval_cells(ev.FULL_SIZE)
+    cells = ev.retrieval_cells(ev.FULL_SIZE.with_prompts(n))
+    assert len(cells) == n == len(set(cells)) and set(cells) <= set(full)
+    assert cells == sorted(cells)  # grid order, as in the full suite
+    if n >= 2:  # both the shortest and the longest prompts, the shallowest and the deepest depths
+        assert {li for li, _ in cells} >= {0, 3} and {di for _, di in cells} >= {0, 3}
+    if n >= 4:  # every length and every depth
+        assert {li for li, _ in cells} == {0, 1, 2, 3} and {di for _, di in cells} == {0, 1, 2, 3}
+
+
+def test_retrieval_subset_of_eight_has_each_length_and_depth_twice():
+    cells = ev.retrieval_cells(ev.FULL_SIZE.with_prompts(8))
+    assert sorted(li for li, _ in cells) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(di for _, di in cells) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("n, questions, docs", [
+    (1, [3], []), (2, [3], [3]), (3, [0, 7], [3]), (6, [0, 4, 7], [0, 4, 7]), (16, list(range(8)), list(range(8))),
+])
+def test_chat_picks_half_questions_half_passages(n, questions, docs):
+    assert ev.chat_picks(ev.FULL_SIZE.with_prompts(n)) == (questions, docs)
+
+
+class FakeTokenizer:
+    """Words as tokens and a visible chat template: enough to build a suite without a model."""
+
+    class Encoding:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text, add_special_tokens=True):
+        return self.Encoding(text.split())
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "<user> " + messages[0]["content"] + " <assistant>"
+
+
+def test_smaller_suite_holds_the_full_suites_prompts():
+    tok = FakeTokenizer()
+    full = ev.build_suite(tok, ev.FULL_SIZE, ev.TASKS)
+    six = ev.build_suite(tok, ev.FULL_SIZE.with_prompts(6), ev.TASKS)
+    for task in ev.TASKS:
+        assert len(full[task]) == 16 and len(six[task]) == 6
+        full_texts = [item.text for item in full[task]]
+        assert all(item.text in full_texts for item in six[task]), task  # same seeds, same prompts
+        assert all(item.text.startswith("<user> ") for item in six[task])  # the tokenizer's chat template
+    ev.check_fits(full, ev.FULL_SIZE, 2048, lambda t: len(t.split()))
+    with pytest.raises(ValueError, match=r"tokens \+ 20 output tokens > max_model_len 1024"):
+        ev.check_fits(full, ev.FULL_SIZE, 1024, lambda t: len(t.split()))
+
+
+def test_resolve_model_reads_layers_and_heads_of_a_folder(tmp_path):
+    config = {"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "hidden_size": 896, "max_position_embeddings": 1024}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    folder, info = ev.resolve_model(str(tmp_path))
+    assert folder == str(tmp_path.resolve()) and info["display"] == tmp_path.name
+    assert (info["layers"], info["q_heads"], info["kv_heads"], info["head_dim"]) == (24, 14, 2, 64)
+    assert ev.engine_max_len(info) == 1024  # the model's context is shorter than the suite's 2048
+    assert ev.engine_max_len({"max_position_embeddings": 32768}) == ev.MAX_MODEL_LEN
+
+
+def qwen_dir():
+    from vllm_adaptive_kv.model import model_dir
+
+    folder = model_dir("qwen2.5-coder-0.5b")
+    if not (folder / ".complete.json").exists():
+        pytest.skip("qwen2.5-coder-0.5b is not converted on this machine (vllm-adaptive-kv model prepare ...)")
+    return folder
+
+
+def test_second_models_tokenizer_and_template_build_a_fitting_suite():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(qwen_dir()))
+    size = ev.FULL_SIZE.with_prompts(6)
+    suite = ev.build_suite(tok, size, ev.TASKS)
+    assert {task: len(items) for task, items in suite.items()} == {"passkey": 6, "needle": 6, "chat": 6}
+    for items in suite.values():
+        assert all(item.text.startswith("<|im_start|>system") and item.text.endswith("<|im_start|>assistant\n")
+                   for item in items)
+    ev.check_fits(suite, size, ev.MAX_MODEL_LEN, lambda t: len(tok(t).input_ids))
+    lengths = [item.info["prompt_tokens"] for item in suite["passkey"]]
+    assert max(lengths) > 1800 and min(lengths) < 700  # measured in the model's own tokens
 
 
 def test_from_json_rejects_other_files(tmp_path, capsys):
@@ -237,6 +371,16 @@ def test_write_outputs_table_plots_and_json(tmp_path):
     assert "no fastgen setting qualifies" in md
     assert "## passkey accuracy by length" in md and "| fastgen T=0.90 | 0 (0/1) |" in md
     assert "| setting | ~1000 tok |" in md and "| setting | depth 0.5 |" in md
+
+
+def test_policy_map_of_another_layer_and_head_count(tmp_path):
+    results = synthetic_results()
+    heads = [[FASTGEN_LADDER[(layer * 2 + h) % 5] for h in range(2)] for layer in range(24)]  # 24 x 2, like Qwen
+    results["policy_maps"] = [{"recovery_ratio": r, "prompt_type": kind, "prompt_tokens": 10, "heads": heads}
+                              for r in (0.9, 0.95) for kind in ("passkey", "code")]
+    paths = ev.write_outputs(results, tmp_path)
+    assert (tmp_path / "policy_map.png") in paths
+    assert (tmp_path / "policy_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_from_json_redraws_without_a_run(tmp_path):

@@ -17,6 +17,11 @@ summed over layers and KV heads; mean over requests).
 
 Writes ``results.json``, ``results.md`` (table), ``quality_<task>.png`` and
 ``policy_map.png`` into ``--out-dir``.
+
+``--model`` picks another model (a name from ``vllm_adaptive_kv.model.MODELS`` or a
+Hugging Face folder; default the embedded smollm2); prompts are built and measured
+with that model's tokenizer and chat template. ``--prompts-per-task N`` runs a
+subset of each task (``SuiteSize.prompts``), spread over lengths and depths.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,6 +68,18 @@ class SuiteSize:
     answer_tokens: int  # passkey / needle output tokens
     chat_tokens: int  # chat output tokens (fidelity is measured over these)
     map_tokens: int  # prompt length of the policy-map prompts
+    prompts: int | None = None  # prompts per task (None: every prompt the sizes above give)
+
+    @property
+    def max_prompts(self) -> int:
+        """The most prompts a task of this size has (the smaller of retrieval and chat)."""
+        return min(len(self.lengths) * len(self.depths), self.chat_questions + len(self.doc_lengths))
+
+    def with_prompts(self, prompts: int | None) -> "SuiteSize":
+        if prompts is not None and not 1 <= prompts <= self.max_prompts:
+            raise ValueError(f"prompts={prompts!r} is invalid: allowed values are integers from 1 to "
+                             f"{self.max_prompts}")
+        return replace(self, prompts=None if prompts == self.max_prompts else prompts)
 
 
 # 16 prompts per task: ~30 minutes for the 17 settings on 2 CPU cores. Depths stop
@@ -72,6 +89,58 @@ FULL_SIZE = SuiteSize(lengths=(500, 1000, 1500, 1900), depths=(0.2, 0.4, 0.6, 0.
                       map_tokens=800)
 QUICK_SIZE = SuiteSize(lengths=(300,), depths=(0.2, 0.8), chat_questions=1, doc_lengths=(300,),
                        answer_tokens=12, chat_tokens=16, map_tokens=300)
+
+
+def spread_order(count: int) -> list[int]:
+    """0..count-1 ordered so that every prefix is spread out: both ends first, then
+    each next index as far as possible from those taken (ties: the smaller)."""
+    order = [0, count - 1][:count] if count > 1 else list(range(count))
+    while len(order) < count:
+        order.append(max((i for i in range(count) if i not in order),
+                         key=lambda i: (min(abs(i - j) for j in order), -i)))
+    return order
+
+
+def evenly(count: int, total: int) -> list[int]:
+    """``count`` indices out of ``total``, evenly spaced, both ends included (one: the middle)."""
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [(total - 1) // 2]
+    return sorted({round((total - 1) * i / (count - 1)) for i in range(count)})
+
+
+def retrieval_cells(size: SuiteSize) -> list[tuple[int, int]]:
+    """The (length index, depth index) pairs of the passkey and needle prompts.
+
+    Every pair when ``size.prompts`` is None. Otherwise the first ``prompts`` cells
+    of a Latin-square walk over the grid (each block of ``len(lengths)`` cells has
+    every length once and each length's depth shifted by one per block), lengths
+    and depths taken in ``spread_order``: a prefix covers short and long prompts,
+    shallow and deep needles. Returned in grid order; a cell keeps its seed, so a
+    smaller suite's prompts are the same prompts as in the full suite.
+    """
+    n_len, n_depth = len(size.lengths), len(size.depths)
+    if size.prompts is None:
+        return [(li, di) for li in range(n_len) for di in range(n_depth)]
+    lo, do = spread_order(n_len), spread_order(n_depth)
+    walk = [(lo[k % n_len], do[(k % n_len + k // n_len) % n_depth]) for k in range(n_len * n_depth)]
+    return sorted(walk[:size.prompts])
+
+
+def chat_picks(size: SuiteSize) -> tuple[list[int], list[int]]:
+    """Indices of the short questions and of the documentation lengths for chat.
+
+    All of both when ``size.prompts`` is None; otherwise half each (the extra one a
+    question), evenly spread over the questions and over the passage lengths.
+    """
+    n_docs = len(size.doc_lengths)
+    if size.prompts is None:
+        return list(range(size.chat_questions)), list(range(n_docs))
+    questions = min(size.chat_questions, (size.prompts + 1) // 2)
+    docs = min(n_docs, size.prompts - questions)
+    questions = size.prompts - docs
+    return evenly(questions, size.chat_questions), evenly(docs, n_docs) if docs else []
 
 
 @dataclass(frozen=True)
@@ -202,14 +271,15 @@ def passkey_fillers(tokenizer, target_tokens: int) -> int:
 def passkey_items(tokenizer, size: SuiteSize) -> list[Item]:
     from .prompts import chat_text, passkey_prompt
 
-    count, items = token_counter(tokenizer), []
-    for li, length in enumerate(size.lengths):
-        fillers = passkey_fillers(tokenizer, length)
-        for di, depth in enumerate(size.depths):
-            prompt = passkey_prompt(fillers, depth, seed=7000 + 100 * li + di)
-            text = chat_text(tokenizer, prompt.text)
-            info = {"prompt_tokens": count(text), "depth": depth, "answer": prompt.passkey}
-            items.append(Item(text, info, prompt.is_correct))
+    count, items, fillers = token_counter(tokenizer), [], {}
+    for li, di in retrieval_cells(size):
+        length, depth = size.lengths[li], size.depths[di]
+        if length not in fillers:
+            fillers[length] = passkey_fillers(tokenizer, length)
+        prompt = passkey_prompt(fillers[length], depth, seed=7000 + 100 * li + di)
+        text = chat_text(tokenizer, prompt.text)
+        info = {"prompt_tokens": count(text), "depth": depth, "answer": prompt.passkey}
+        items.append(Item(text, info, prompt.is_correct))
     return items
 
 
@@ -218,14 +288,14 @@ def needle_items(tokenizer, size: SuiteSize, paragraphs: list[str]) -> list[Item
     from .prompts import chat_text
 
     count, items = token_counter(tokenizer), []
-    for li, length in enumerate(size.lengths):
-        for di, depth in enumerate(size.depths):
-            # The chat template and question add ~90 tokens around the haystack.
-            prompt = needle_prompt(paragraphs, max(50, length - 90), depth, seed=8000 + 100 * li + di,
-                                   count_tokens=count)
-            text = chat_text(tokenizer, prompt.text)
-            info = {"prompt_tokens": count(text), "depth": depth, "answer": prompt.needle.answer}
-            items.append(Item(text, info, prompt.is_correct))
+    for li, di in retrieval_cells(size):
+        length, depth = size.lengths[li], size.depths[di]
+        # The chat template and question add ~90 tokens around the haystack.
+        prompt = needle_prompt(paragraphs, max(50, length - 90), depth, seed=8000 + 100 * li + di,
+                               count_tokens=count)
+        text = chat_text(tokenizer, prompt.text)
+        info = {"prompt_tokens": count(text), "depth": depth, "answer": prompt.needle.answer}
+        items.append(Item(text, info, prompt.is_correct))
     return items
 
 
@@ -242,8 +312,9 @@ def chat_items(tokenizer, size: SuiteSize, paragraphs: list[str]) -> list[Item]:
     from .prompts import CHAT_QUESTIONS, chat_text
 
     count = token_counter(tokenizer)
-    texts = [chat_text(tokenizer, q) for q in CHAT_QUESTIONS[:size.chat_questions]]
-    texts += [document_chat_text(tokenizer, paragraphs, n, seed=9000 + i) for i, n in enumerate(size.doc_lengths)]
+    questions, docs = chat_picks(size)
+    texts = [chat_text(tokenizer, CHAT_QUESTIONS[i]) for i in questions]
+    texts += [document_chat_text(tokenizer, paragraphs, size.doc_lengths[i], seed=9000 + i) for i in docs]
     return [Item(text, {"prompt_tokens": count(text)}) for text in texts]
 
 
@@ -623,6 +694,8 @@ def names_arg(allowed: tuple[str, ...]):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model import MODELS
+
     p = argparse.ArgumentParser(prog="vllm-adaptive-kv eval", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="tiny suite (2 prompts per task, ~300 tokens; fastgen at the first T, h2o): a smoke test")
@@ -640,7 +713,84 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no run: redraw results.md and the PNGs into --out-dir from an earlier results.json")
     p.add_argument("--kv-cache-mib", type=int, default=512, help="KV budget of the engine in MiB (default 512)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype")
+    p.add_argument("--model", default="smollm2", metavar="NAME_OR_DIR",
+                   help=f"a model name known to vllm_adaptive_kv.model ({', '.join(sorted(MODELS))}) or a Hugging "
+                        "Face model folder (default smollm2, the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts-per-task", type=prompts_arg, default=None, metavar="N",
+                   help=f"prompts per task, a subset spread over lengths and depths (default: all, "
+                        f"{FULL_SIZE.max_prompts}; --quick: {QUICK_SIZE.max_prompts})")
     return p
+
+
+def prompts_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed values are integers from 1 to "
+                                         f"{FULL_SIZE.max_prompts} ({QUICK_SIZE.max_prompts} with --quick)")
+    return value
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``--model`` cannot be used (None if it can): a known name, or a folder with a config.json."""
+    from .model import MODELS
+
+    if model in MODELS:
+        return None
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
+    what = "a folder without config.json" if path.is_dir() else "neither a known model name nor a folder"
+    return (f"{model!r} is invalid ({what}): allowed values are a model name from {', '.join(sorted(MODELS))} "
+            "or a Hugging Face model folder holding config.json")
+
+
+def resolve_model(model: str) -> tuple[str, dict]:
+    """The folder to load and what results.json records about the model.
+
+    A known name is prepared (converted once, then cached) by ``prepare_model``.
+    """
+    from .model import MODELS, prepare_model
+
+    if model in MODELS:
+        folder = Path(prepare_model(model))
+        display = MODELS[model].description.split(" (")[0]
+    else:
+        folder = Path(model).expanduser().resolve()
+        display = folder.name
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)  # multimodal configs nest the language model's
+    heads = text.get("num_attention_heads")
+    info = {
+        "name": model, "display": display, "folder": str(folder),
+        "architecture": (config.get("architectures") or [None])[0],
+        "layers": text.get("num_hidden_layers"), "q_heads": heads,
+        "kv_heads": text.get("num_key_value_heads", heads),
+        "head_dim": text.get("head_dim") or (text["hidden_size"] // heads if heads and "hidden_size" in text else None),
+        "max_position_embeddings": text.get("max_position_embeddings"),
+    }
+    return str(folder), info
+
+
+def engine_max_len(model_info: dict) -> int:
+    """The engine's ``max_model_len``: 2048, or less if the model's context is shorter."""
+    context = model_info.get("max_position_embeddings")
+    return min(MAX_MODEL_LEN, context) if isinstance(context, int) and context > 0 else MAX_MODEL_LEN
+
+
+def check_fits(suite: dict[str, list[Item]], size: SuiteSize, max_model_len: int, count) -> None:
+    """Every prompt plus its output tokens must fit ``max_model_len`` (counted with the
+    model's own tokenizer, special tokens included): else a ValueError naming the prompt."""
+    for task, items in suite.items():
+        out = size.chat_tokens if task == "chat" else size.answer_tokens
+        for i, item in enumerate(items):
+            tokens = count(item.text)
+            if tokens + out > max_model_len:
+                raise ValueError(f"{task} prompt {i} has {tokens} tokens + {out} output tokens > max_model_len "
+                                 f"{max_model_len}: the suite's lengths ({max(size.lengths)} target tokens) do "
+                                 "not fit this model's context")
 
 
 def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -653,6 +803,13 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
     if args.kv_cache_mib < 64:
         parser.error(f"--kv-cache-mib: {args.kv_cache_mib} is invalid: allowed values are integers >= 64 "
                      "(one 2048-token sequence must fit)")
+    base = QUICK_SIZE if args.quick else FULL_SIZE
+    if args.prompts_per_task is not None and args.prompts_per_task > base.max_prompts:
+        parser.error(f"--prompts-per-task: {args.prompts_per_task} is invalid: allowed values are integers from 1 "
+                     f"to {base.max_prompts}" + (" with --quick" if args.quick else ""))
+    args.size = base.with_prompts(args.prompts_per_task)
+    if not args.from_json and (problem := model_problem(args.model)):
+        parser.error(f"--model: {problem}")
     return args
 
 
@@ -660,17 +817,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     from vllm import LLM
 
     from .haystack import documentation_paragraphs, source_digest
-    from .model import prepare_model
 
-    size = QUICK_SIZE if args.quick else FULL_SIZE
+    size = args.size
     started = time.perf_counter()
-    llm = LLM(str(prepare_model("smollm2")), dtype=args.dtype, max_model_len=MAX_MODEL_LEN,
+    folder, model = resolve_model(args.model)
+    max_model_len = engine_max_len(model)
+    llm = LLM(folder, dtype=args.dtype, max_model_len=max_model_len,
               kv_cache_memory_bytes=args.kv_cache_mib << 20, enforce_eager=True, seed=0,
               disable_log_stats=False, additional_config={"kv_policy": "full"})
     try:
-        tokenizer = llm.get_tokenizer()
+        tokenizer = llm.get_tokenizer()  # the model's own tokenizer and chat template
         suite = build_suite(tokenizer, size, tuple(args.tasks))
-        log(f"engine up in {time.perf_counter() - started:.0f} s; "
+        check_fits(suite, size, max_model_len, lambda text: len(tokenizer(text).input_ids))
+        log(f"engine up in {time.perf_counter() - started:.0f} s; {model['display']} "
+            f"({model['layers']} layers x {model['kv_heads']} KV heads); "
             + ", ".join(f"{t}: {len(v)} prompts" for t, v in suite.items()))
         rows = evaluate_settings(llm, suite, size, args)
         maps = [] if args.no_maps else policy_maps(llm, map_prompts(tokenizer, size, documentation_paragraphs()),
@@ -679,9 +839,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         del llm
         gc.collect()
     results = {
-        "schema_version": SCHEMA_VERSION, "model": "SmolLM2-135M-Instruct", "quick": args.quick,
+        "schema_version": SCHEMA_VERSION, "model": model["display"], "model_name": args.model,
+        "model_info": model, "quick": args.quick, "prompts_per_task": size.prompts or size.max_prompts,
         "command": "vllm-adaptive-kv eval " + " ".join(argv), "dtype": args.dtype,
-        "max_model_len": MAX_MODEL_LEN, "machine": machine_info(), "haystack_sha256": source_digest(),
+        "max_model_len": max_model_len, "machine": machine_info(), "haystack_sha256": source_digest(),
         "tasks": {t: {"prompts": len(items), "prompt_tokens": [i.info["prompt_tokens"] for i in items],
                       "metric": "token agreement %" if t == "chat" else "accuracy %"} for t, items in suite.items()},
         "settings": rows, "policy_maps": maps,
