@@ -375,8 +375,13 @@ class HeadCacheRuntime:
         by_head = q.view(num_tokens, self.num_kv_heads, self.query_group, head_dim)
         if meta.score_decode[layer] is not None:
             token, row, head = meta.score_decode[layer]
-            self._score_lists(by_head[token, head][:, None], self.cache.table[row, layer, head, :width],
-                              self.cache.lens[row, layer, head], scale, score)
+            lens = self.cache.lens[row, layer, head]
+            # Scored lists are compressed ones, often far shorter than the step's
+            # longest list: gather only their own width (a host read, free on CPU,
+            # the only device this native path runs on).
+            own = max(1, -(-int(lens.max()) // self.block_size))
+            self._score_lists(by_head[token, head][:, None], self.cache.table[row, layer, head, :min(width, own)],
+                              lens, scale, score, pool_dtype_logits=True)
         for row, start, end in meta.score_spans:
             self._score_lists(by_head[start:end].transpose(0, 1), self.cache.table[row, layer, :, :width],
                               self.cache.lens[row, layer], scale, score)
@@ -447,7 +452,7 @@ class HeadCacheRuntime:
         key_pos = self.pool.slot_pos[page].reshape(num_reqs, num_heads, -1)
         return page, keys, key_pos, in_list
 
-    def _score_lists(self, q, page, lens, scale, score) -> None:
+    def _score_lists(self, q, page, lens, scale, score, pool_dtype_logits: bool = False) -> None:
         """score[slot] += attention that the last ``t`` tokens of each list pay to it.
 
         q [N, t, G, D]: the queries of N lists' last t entries (all weighted);
@@ -459,13 +464,23 @@ class HeadCacheRuntime:
         K blocks are gathered in storage order and multiplied as stored, so the
         transposed layout needs no transposing copy:
         ``[N, 1, t*G, D] @ [N, Wb, D, bs] -> [N, Wb, t*G, bs]``.
+
+        ``pool_dtype_logits`` (decode tokens): the logits come from a matmul in the
+        pool's dtype (float32 accumulation inside each dot product, the result
+        rounded to it, e.g. bf16), sparing a float32 copy of every gathered K
+        block, the dominant cost of decode scoring on CPU. The softmax and the
+        accumulated scores stay float32. Prompt-end profiling keeps float32 logits.
         """
         num_lists, t, group, head_dim = q.shape
         page = page.long().clamp_min(0)
         blocks = self.pool.kv_pages[:, 0][page]  # [N, Wb, bs, D]: copies of the raw K blocks
         keys_t = blocks.view(*page.shape, head_dim, -1) if self.pool.k_transposed else blocks.transpose(-1, -2)
         qg = q.reshape(num_lists, 1, t * group, head_dim)
-        logits = torch.matmul(qg.float(), keys_t.float()).transpose(1, 2).reshape(num_lists, t * group, -1)
+        if pool_dtype_logits:
+            logits = torch.matmul(qg.to(keys_t.dtype), keys_t).float()
+        else:
+            logits = torch.matmul(qg.float(), keys_t.float())
+        logits = logits.transpose(1, 2).reshape(num_lists, t * group, -1)
         limit = lens.long()[:, None] - (t - 1 - torch.arange(t, device=q.device))  # [N, t]
         visible = torch.arange(logits.shape[-1], device=q.device) < limit.repeat_interleave(group, dim=1)[..., None]
         logits.mul_(scale).masked_fill_(~visible, float("-inf"))
@@ -482,7 +497,10 @@ class HeadCacheRuntime:
         if weight.shape[1] > 1:
             rows = weight.gt(0).any(0)  # [t] rows some request weights
             qg, visible, weight = qg[:, :, :, rows], visible[:, :, rows], weight[:, rows]
-        logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)[:, :, None]) * scale  # [R,H,G,t,S]
+        if qg.shape[3] == 1:  # decode: logits in the pool's dtype, as _score_lists does
+            logits = torch.matmul(qg.to(keys.dtype), keys.transpose(-1, -2)[:, :, None]).float() * scale
+        else:
+            logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)[:, :, None]) * scale  # [R,H,G,t,S]
         logits.masked_fill_(~visible[:, :, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
         col = (probs.sum(2) * weight[:, None, :, None]).sum(2)  # [R, H, S]
