@@ -50,6 +50,10 @@ def test_top_level_schema(quick_run):
     _, r, _ = quick_run
     assert r["schema_version"] == SCHEMA_VERSION and r["quick"] is True
     assert isinstance(r["model"], str) and r["command"].startswith("vllm-adaptive-kv eval --quick")
+    # the default model, recorded by name and layout
+    assert r["model"] == "SmolLM2-135M-Instruct" and r["model_name"] == "smollm2" and r["prompts_per_task"] == 2
+    assert (r["model_info"]["layers"], r["model_info"]["kv_heads"]) == (LAYERS, KV_HEADS)
+    assert r["max_model_len"] == 2048
     assert isinstance(r["machine"]["cpu_count"], int) and isinstance(r["machine"]["python"], str)
     assert len(r["haystack_sha256"]) == 64
     assert r["seconds"] > 0
