@@ -10,7 +10,7 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vllm_adaptive_kv"
 GLUE = PACKAGE / "plugin"
 # Entry points that drive vLLM end to end; everything else is the core.
-APPS = {"cli.py", "demo.py", "batch_demo.py", "eval.py", "bench.py"}
+APPS = {"cli.py", "demo.py", "batch_demo.py", "eval.py", "bench.py", "overhead.py"}
 
 
 def core_files():
