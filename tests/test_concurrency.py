@@ -34,28 +34,11 @@ OUTPUT_TOKENS = 16
 SEED = 11  # not the bench's default seed: other keys, depths and lengths
 
 
-def step_recorder(steps: list):
-    """A vLLM stat-logger factory whose loggers append (running, waiting, kv usage) per step."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class StepRecorder(StatLoggerBase):
-        def __init__(self, vllm_config, engine_index: int = 0):
-            pass
-
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-            if scheduler_stats is not None:
-                steps.append((scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                              scheduler_stats.kv_cache_usage))
-
-        def log_engine_initialized(self):
-            pass
-
-    return StepRecorder
-
-
 def run_workload(model_dir, policy, workload):
     from vllm import EngineArgs, SamplingParams
     from vllm.v1.engine.llm_engine import LLMEngine
+
+    from vllm_adaptive_kv.overhead import step_recorder
 
     extra = ({"enable_prefix_caching": False} if policy is None
              else {"additional_config": {"kv_policy": policy}})

@@ -26,7 +26,8 @@ def test_bad_policy_is_refused_with_the_allowed_names(capsys):
 
 def test_summaries_split_steady_state_from_the_rest():
     t = {"steps": 1, "sched_s": 0.001, "step_s": 0.1, "plan_s": 0.002, "evict_s": 0.004, "worker_step_s": 0.1}
-    steps = [(2, 2, dict(t)), (4, 0, dict(t)), (4, 0, {**t, "evict_s": 0.0}), (4, 0, {}), (3, 0, dict(t))]
+    steps = [(2, 2, 0.1, dict(t)), (4, 0, 0.2, dict(t)), (4, 0, 0.2, {**t, "evict_s": 0.0}), (4, 0, 0.2, {}),
+             (3, 0, 0.2, dict(t))]
     s = overhead.summarize(steps, running=4)
     assert s["steady"]["steps"] == 2 and s["other"]["steps"] == 2 and s["all"]["steps"] == 4
     assert s["steady"]["evict_ms"] == pytest.approx(2.0) and s["steady"]["evict_pct"] == pytest.approx(2.0)

@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def step_recorder(steps: list):
-    """Stat-logger factory: append (running, waiting, our connector stats) per step."""
+    """Stat-logger factory: append (running, waiting, kv usage, our timing dict) per step.
+
+    Every engine step's ``SchedulerStats``, the numbers vLLM publishes as
+    ``vllm:num_requests_running`` / ``vllm:kv_cache_usage_perc``, with no polling.
+    """
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class StepRecorder(StatLoggerBase):
@@ -72,7 +76,7 @@ def step_recorder(steps: list):
             if scheduler_stats is not None:
                 stats = scheduler_stats.kv_connector_stats or {}
                 steps.append((scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                              dict(stats.get("timing") or {})))
+                              scheduler_stats.kv_cache_usage, dict(stats.get("timing") or {})))
 
         def log_engine_initialized(self):
             pass
@@ -93,12 +97,12 @@ def summarize(steps: list, running: int) -> dict:
     """Sum the timings over steady-state steps (all ``running`` at once) and over the rest."""
     def total(rows):
         sums: dict[str, float] = {}
-        for _, _, timing in rows:
+        for *_, timing in rows:
             for k, v in timing.items():
                 sums[k] = sums.get(k, 0.0) + v
         return overhead_summary(sums, int(sums.get("steps", 0)))
 
-    timed = [s for s in steps if s[2]]
+    timed = [s for s in steps if s[-1]]
     steady = [s for s in timed if s[0] == running and s[1] == 0]
     rest = [s for s in timed if not (s[0] == running and s[1] == 0)]
     return {"steady": total(steady), "other": total(rest), "all": total(timed)}
