@@ -538,7 +538,7 @@ class KernelBench:
     def compact_one(self, batch, ctx, kept, shape) -> None:
         """Lists of the full context (a prompt just profiled) keep ~``kept`` of their slots at random."""
         torch = self.torch
-        from vllm_adaptive_kv.paging import PagedHeadCache
+        from vllm_adaptive_kv.core.paging import PagedHeadCache
         from vllm_adaptive_kv.triton_kernels import compact_slots, compact_slots_reference
 
         m, dev = self.m, self.device

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
 
     from vllm_adaptive_kv.model import prepare_model
-    from vllm_adaptive_kv.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
+    from vllm_adaptive_kv.apps.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
 
     model = prepare_model("qwen2.5-coder-0.5b")
     extra = {} if mode == "vanilla" else {"additional_config": {"kv_policy": mode}, "block_size": 32}

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vllm_adaptive_kv import bench
+from vllm_adaptive_kv.apps import bench
 
 
 # --------------------------------------------------------------------------- CLI parsing

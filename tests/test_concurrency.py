@@ -38,7 +38,7 @@ def run_workload(model_dir, policy, workload):
     from vllm import EngineArgs, SamplingParams
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    from vllm_adaptive_kv.overhead import step_recorder
+    from vllm_adaptive_kv.apps.overhead import step_recorder
 
     extra = ({"enable_prefix_caching": False} if policy is None
              else {"additional_config": {"kv_policy": policy}})
@@ -81,7 +81,7 @@ def run_workload(model_dir, policy, workload):
 
 @pytest.fixture(scope="module")
 def runs(smollm2_dir):
-    from vllm_adaptive_kv.bench import build_workload, tokenizer_fns
+    from vllm_adaptive_kv.apps.bench import build_workload, tokenizer_fns
 
     workload = build_workload(NUM_REQUESTS, PROMPT_TOKENS, (OUTPUT_TOKENS, OUTPUT_TOKENS), SEED, None,
                               *tokenizer_fns(str(smollm2_dir)))

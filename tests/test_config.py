@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from vllm_adaptive_kv.config import load_policy_file, parse_policy_config
-from vllm_adaptive_kv.policies import POLICY_NAMES
+from vllm_adaptive_kv.core.config import load_policy_file, parse_policy_config
+from vllm_adaptive_kv.core.policies import POLICY_NAMES
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -51,7 +51,7 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_policy_keys_cover_every_policy_and_profiling_key():
-    from vllm_adaptive_kv.config import POLICY_KEYS, policy_fields
+    from vllm_adaptive_kv.core.config import POLICY_KEYS, policy_fields
 
     assert {"kv_policy", "observation_window", "recovery_ratio", "sink_tokens", "pool_kernel"} <= POLICY_KEYS
     for name in POLICY_NAMES:
@@ -59,7 +59,7 @@ def test_policy_keys_cover_every_policy_and_profiling_key():
 
 
 def test_split_policy_settings_keeps_foreign_keys_apart():
-    from vllm_adaptive_kv.config import split_policy_settings
+    from vllm_adaptive_kv.core.config import split_policy_settings
 
     policy, other = split_policy_settings({"kv_policy": "h2o", "budget_ratio": 0.4, "lora_dir": "/x"})
     assert policy == {"kv_policy": "h2o", "budget_ratio": 0.4} and other == {"lora_dir": "/x"}
@@ -67,7 +67,7 @@ def test_split_policy_settings_keeps_foreign_keys_apart():
 
 
 def test_read_policy_file_returns_the_raw_mapping(tmp_path):
-    from vllm_adaptive_kv.config import read_policy_file
+    from vllm_adaptive_kv.core.config import read_policy_file
 
     partial = tmp_path / "partial.yaml"
     partial.write_text("recovery_ratio: 0.9\n")  # no kv_policy: the CLI may add it
@@ -98,7 +98,7 @@ FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 
     ],
 )
 def test_request_policy_settings(extra_args, expected):
-    from vllm_adaptive_kv.config import request_policy_settings
+    from vllm_adaptive_kv.core.config import request_policy_settings
 
     assert request_policy_settings(FASTGEN_SERVER, extra_args) == expected
 
@@ -114,7 +114,7 @@ def test_request_policy_settings(extra_args, expected):
     ],
 )
 def test_request_policy_settings_names_bad_values(extra_args, message):
-    from vllm_adaptive_kv.config import request_policy_settings
+    from vllm_adaptive_kv.core.config import request_policy_settings
 
     with pytest.raises(ValueError, match=message):
         request_policy_settings(FASTGEN_SERVER, extra_args)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_adaptive_kv.eval import SCHEMA_VERSION, TASKS, matched_budget
-from vllm_adaptive_kv.policies import FASTGEN_LADDER
+from vllm_adaptive_kv.apps.eval import SCHEMA_VERSION, TASKS, matched_budget
+from vllm_adaptive_kv.core.policies import FASTGEN_LADDER
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from vllm_adaptive_kv import eval as ev
-from vllm_adaptive_kv.policies import FASTGEN_LADDER
+from vllm_adaptive_kv.apps import eval as ev
+from vllm_adaptive_kv.core.policies import FASTGEN_LADDER
 
 
 # --- fidelity: agreement and first divergence -------------------------------------------
@@ -70,7 +70,7 @@ def test_matched_budget_is_the_kept_fraction_rounded_and_in_range():
 
 
 def test_matched_setting_names_its_fastgen_point_and_is_a_valid_request():
-    from vllm_adaptive_kv.config import request_policy_settings
+    from vllm_adaptive_kv.core.config import request_policy_settings
 
     setting = ev.matched_settings("h2o", "fastgen T=0.95", 0.41237)
     assert setting.extra_args == {"kv_policy": "h2o", "budget_ratio": 0.4124}
@@ -80,7 +80,7 @@ def test_matched_setting_names_its_fastgen_point_and_is_a_valid_request():
 
 
 def test_fastgen_setting_is_a_valid_request():
-    from vllm_adaptive_kv.config import request_policy_settings
+    from vllm_adaptive_kv.core.config import request_policy_settings
 
     setting = ev.fastgen_setting(0.98)
     assert setting.label == "fastgen T=0.98"
@@ -393,7 +393,7 @@ def test_from_json_redraws_without_a_run(tmp_path):
 
 
 def test_cli_delegates_eval_and_keeps_its_errors(capsys):
-    from vllm_adaptive_kv import cli
+    from vllm_adaptive_kv.apps import cli
 
     assert "eval" in cli.DELEGATES
     with pytest.raises(SystemExit) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_adaptive_kv.haystack import (
+from vllm_adaptive_kv.apps.haystack import (
     NEEDLE_TEMPLATES,
     answer_matches,
     build_haystack,

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from vllm_adaptive_kv import cli
+from vllm_adaptive_kv.apps import cli
 from vllm_adaptive_kv import model as M
 
 LOGGER = "vllm_adaptive_kv.model"
@@ -241,7 +241,7 @@ def test_cli_prepare_prints_path_last(smollm2_dir, capsys):
 
 
 def test_cli_prepare_subprocess(smollm2_dir):
-    proc = subprocess.run([sys.executable, "-m", "vllm_adaptive_kv.cli", "model", "prepare", "smollm2"],
+    proc = subprocess.run([sys.executable, "-m", "vllm_adaptive_kv.apps.cli", "model", "prepare", "smollm2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str(smollm2_dir)

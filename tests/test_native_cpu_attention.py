@@ -11,12 +11,13 @@ import math
 import pytest
 import torch
 
-from vllm_adaptive_kv.layout import FLAG_PUNCT, FLAG_SPECIAL, KVPool
-from vllm_adaptive_kv.runtime import HeadCacheRuntime
+from vllm_adaptive_kv.core.attention import TorchAttention
+from vllm_adaptive_kv.core.layout import FLAG_PUNCT, FLAG_SPECIAL, KVPool
+from vllm_adaptive_kv.core.runtime import HeadCacheRuntime
 
 pytest.importorskip("vllm")
-from vllm_adaptive_kv.plugin.cpu_attention import (  # noqa: E402
-    VllmCpuPagedAttention,
+from vllm_adaptive_kv.plugin.cpu.attention import (  # noqa: E402
+    NativeCpuAttention,
     native_cpu_attention_available,
 )
 
@@ -29,10 +30,9 @@ def make_runtime(native: bool, heads: int, group: int, dtype, policy: str, **set
     pool = KVPool.allocate(600, BS, D, dtype, k_transposed=native)
     flags = torch.zeros(VOCAB, dtype=torch.uint8)
     flags[0], flags[1:5] = FLAG_SPECIAL, FLAG_PUNCT
-    attention = VllmCpuPagedAttention(group, D, dtype) if native else None
+    attention = NativeCpuAttention(group, D, dtype) if native else TorchAttention()
     return HeadCacheRuntime(pool, L, heads, group, max_reqs=8, max_model_len=1024, token_flags=flags,
-                            default_settings={"kv_policy": policy, **settings}, impl="torch",
-                            native_attention=attention)
+                            default_settings={"kv_policy": policy, **settings}, attention=attention)
 
 
 def step(runtimes, reqs, counts, starts, heads, group, dtype, gen):
@@ -102,5 +102,4 @@ def test_native_needs_transposed_keys():
     pool = KVPool.allocate(8, BS, D, torch.float32, k_transposed=False)
     with pytest.raises(ValueError, match="k_transposed=True"):
         HeadCacheRuntime(pool, L, 1, 1, max_reqs=2, max_model_len=64, token_flags=torch.zeros(4, dtype=torch.uint8),
-                         default_settings={"kv_policy": "full"}, native_attention=VllmCpuPagedAttention(1, D,
-                                                                                                        torch.float32))
+                         default_settings={"kv_policy": "full"}, attention=NativeCpuAttention(1, D, torch.float32))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vllm_adaptive_kv import overhead
+from vllm_adaptive_kv.apps import overhead
 
 
 def test_parse_counts():

@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_adaptive_kv.layout import KVPool
-from vllm_adaptive_kv.paging import PagedHeadCache
+from vllm_adaptive_kv.core.layout import KVPool
+from vllm_adaptive_kv.core.paging import PagedHeadCache
 from vllm_adaptive_kv.triton_kernels.compaction import compact_slots_reference
 from vllm_adaptive_kv.triton_kernels.write_kv import write_kv_reference
 

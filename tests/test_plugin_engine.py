@@ -38,7 +38,7 @@ def workload(tokenizer):
     """Chats first (long, forced outputs), then passkey prompts; returns texts and params."""
     from vllm import SamplingParams
 
-    from vllm_adaptive_kv.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
+    from vllm_adaptive_kv.apps.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
 
     passkeys = [passkey_prompt(40 + (i * 7) % 25, depth=(i % 5) / 4, seed=500 + i) for i in range(NUM_PASSKEY)]
     chats = [chat_text(tokenizer, q) for q in CHAT_QUESTIONS[:NUM_CHATS]]

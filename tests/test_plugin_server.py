@@ -71,7 +71,7 @@ def client(server):
 
 
 def passkey_message():
-    from vllm_adaptive_kv.prompts import passkey_prompt
+    from vllm_adaptive_kv.apps.prompts import passkey_prompt
 
     return passkey_prompt(40, depth=0.5, seed=11)
 

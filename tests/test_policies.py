@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from vllm_adaptive_kv.layout import FLAG_PUNCT, FLAG_SPECIAL
-from vllm_adaptive_kv.policies import (
+from vllm_adaptive_kv.core.layout import FLAG_PUNCT, FLAG_SPECIAL
+from vllm_adaptive_kv.core.policies import (
     FASTGEN_LADDER,
     H2O,
     FastGen,

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from vllm_adaptive_kv.layout import FLAG_PUNCT, FLAG_SPECIAL
-from vllm_adaptive_kv.policies import FASTGEN_LADDER, FastGen
-from vllm_adaptive_kv.profiler import FastGenProfiler, prompt_view, window_statistics
+from vllm_adaptive_kv.core.layout import FLAG_PUNCT, FLAG_SPECIAL
+from vllm_adaptive_kv.core.policies import FASTGEN_LADDER, FastGen
+from vllm_adaptive_kv.core.profiler import FastGenProfiler, prompt_view, window_statistics
 
 
 def causal_softmax(logits: torch.Tensor) -> torch.Tensor:

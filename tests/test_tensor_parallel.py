@@ -101,7 +101,7 @@ def _adaptive_metrics():
 
 
 def _workload(tokenizer):
-    from vllm_adaptive_kv.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
+    from vllm_adaptive_kv.apps.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
 
     chats = [chat_text(tokenizer, q) for q in (
         CHAT_QUESTIONS[0], CHAT_QUESTIONS[2],

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vllm_adaptive_kv.timing import TIMING_ENV, StepTimer, merge_ranks, overhead_summary, timing_enabled
+from vllm_adaptive_kv.core.timing import TIMING_ENV, StepTimer, merge_ranks, overhead_summary, timing_enabled
 
 
 def test_timing_is_off_by_default_and_parses_the_env(monkeypatch):
@@ -70,7 +70,7 @@ def test_overhead_summary_per_step_and_shares():
 @pytest.mark.vllm
 def test_connector_carries_timings_over_ranks_and_steps():
     from vllm_adaptive_kv.plugin.connector import AdaptiveKVStats, ReportMeta
-    from vllm_adaptive_kv.runtime import StepReport
+    from vllm_adaptive_kv.core.step import StepReport
 
     rank0 = ReportMeta.from_report(StepReport(timings={"evict_s": 0.01, "worker_step_s": 0.1}))
     rank1 = ReportMeta.from_report(StepReport(timings={"evict_s": 0.03, "worker_step_s": 0.09}))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_adaptive_kv.layout import FLAG_PUNCT, FLAG_SPECIAL
-from vllm_adaptive_kv.token_classes import build_token_flags, flags_for_tokens, is_punctuation_text
+from vllm_adaptive_kv.core.layout import FLAG_PUNCT, FLAG_SPECIAL
+from vllm_adaptive_kv.core.token_classes import build_token_flags, flags_for_tokens, is_punctuation_text
 
 
 @pytest.mark.parametrize("text", [".", ",", "\n", " ?", "```", "...\n\n", "—", "«", "$", "  "])

@@ -1,15 +1,18 @@
-"""Attention backend over per-(layer, KV head) page lists.
+"""The attention backend's device-neutral parts: metadata, builder, impl, layout.
 
 The backend owns no state: every step, ``AdaptiveMetadataBuilder.build`` hands
 each layer an ``AdaptiveAttentionMetadata`` that points at the worker's
 ``HeadCacheRuntime`` and the step's ``StepMetadata`` (planned once for all
-layers by the model runner). ``forward`` writes the layer's K/V into the
-slots allocated for the step and attends over the compacted lists: the Triton
-kernels on CUDA, the torch references on CPU.
+layers by the model runner). ``AdaptiveAttentionImpl.forward`` hands the layer's
+q / k / v to ``HeadCacheRuntime.attend``, which writes K/V into the slots
+allocated for the step and runs the attention path chosen at start-up (vLLM's CPU
+kernel or the torch reference on CPU, the Triton kernels on CUDA).
 
 vLLM's own KV-cache write (``do_kv_cache_update``, by block-table slot mapping)
 is switched off with ``forward_includes_kv_cache_update = True``: vLLM's block
-ids do not address our pages.
+ids do not address our pages. ``AdaptiveBackendMixin`` holds the class-level
+declarations every device backend shares; ``plugin/cpu/backend.py`` puts it in
+front of vLLM's CPU backend.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, AttentionType
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from ..runtime import HeadCacheRuntime, StepMetadata
+from ..core.runtime import HeadCacheRuntime, StepMetadata
 from .spec import AdaptiveKVSpec
 
 SUPPORTED_BLOCK_SIZES = [16, 32, 64, 128, 256]
@@ -105,8 +107,8 @@ def adaptive_spec(spec):
     return AdaptiveKVSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
 
 
-class AdaptiveCPUAttentionBackend(CPUAttentionBackend):
-    """CPU: takes CPU_ATTN's place (same LBHNC cache layout), runs the torch references."""
+class AdaptiveBackendMixin:
+    """Class-level declarations shared by every device's adaptive backend."""
 
     forward_includes_kv_cache_update: bool = True
     supported_kv_cache_dtypes = ["auto"]

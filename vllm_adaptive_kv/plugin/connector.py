@@ -31,9 +31,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from ..runtime import StepReport
-from ..timing import PARTS, merge_ranks, overhead_summary, timing_enabled
-from .spec import AdaptiveKVManager, HeldPages
+from ..core.step import RequestReport, StepReport
+from ..core.timing import PARTS, merge_ranks, overhead_summary, timing_enabled
+from .spec import AdaptiveKVManager
 
 KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
@@ -46,12 +46,12 @@ class EmptyMeta(KVConnectorMetadata):
 class ReportMeta(KVConnectorWorkerMetadata):
     """One step's reports of one rank, or of several ranks once aggregated.
 
-    requests: req_id -> [pages_held, full_lists, slots_held, tokens]; pages and full
-    lists take the fullest rank (the scheduler must fit it), slots add up.
+    requests: req_id -> RequestReport; ranks merge by ``RequestReport.merge`` (pages
+    and full lists take the fullest rank, which the scheduler must fit; slots add up).
     timings: worker seconds per part (opt-in), the slowest rank's.
     """
 
-    requests: dict[str, list[int]] = field(default_factory=dict)
+    requests: dict[str, RequestReport] = field(default_factory=dict)
     evicted_tokens: int = 0
     head_policy: dict[str, int] = field(default_factory=dict)
     pages_free: int = 0
@@ -59,15 +59,13 @@ class ReportMeta(KVConnectorWorkerMetadata):
 
     @classmethod
     def from_report(cls, report: StepReport) -> "ReportMeta":
-        return cls({k: list(v) for k, v in report.requests.items()}, report.evicted_tokens,
+        return cls(dict(report.requests), report.evicted_tokens,
                    dict(report.head_policy_counts), report.pages_free, dict(report.timings))
 
     def aggregate(self, other: "ReportMeta") -> "ReportMeta":
-        merged = {k: list(v) for k, v in self.requests.items()}
-        for req_id, (pages, full, slots, tokens) in other.requests.items():
-            mine = merged.setdefault(req_id, [0, 0, 0, tokens])
-            mine[0], mine[1] = max(mine[0], pages), max(mine[1], full)
-            mine[2] += slots
+        merged = dict(self.requests)
+        for req_id, theirs in other.requests.items():
+            merged[req_id] = merged[req_id].merge(theirs) if req_id in merged else theirs
         policy = Counter(self.head_policy) + Counter(other.head_policy)
         return ReportMeta(merged, self.evicted_tokens + other.evicted_tokens, dict(policy),
                           self.pages_free + other.pages_free, merge_ranks(self.timings, other.timings))
@@ -155,7 +153,7 @@ class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
             name="vllm_adaptive_kv:overhead_seconds", labelnames=labelnames + ["part"],
             documentation="Opt-in (VLLM_ADAPTIVE_KV_TIMING=1) seconds per part: sched (our block "
                           "reservation and report handling), step (scheduler step), plan, evict (eviction "
-                          "and compaction), worker_step (execute_model); see vllm_adaptive_kv.timing.")
+                          "and compaction), worker_step (execute_model); see vllm_adaptive_kv.core.timing.")
         self.timed_steps = self._counter_cls(
             name="vllm_adaptive_kv:timed_steps", labelnames=labelnames,
             documentation="Opt-in (VLLM_ADAPTIVE_KV_TIMING=1) engine steps covered by overhead_seconds.")
@@ -186,7 +184,7 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         self._pending_report: StepReport | None = None
         self._manager: AdaptiveKVManager | None = None
-        self._last: dict[str, list[int]] = {}
+        self._last: dict[str, RequestReport] = {}
         self._finishing: set[str] = set()
         self._stats = AdaptiveKVStats()
         self._total_lists = self._count_lists(vllm_config, kv_cache_config)
@@ -283,11 +281,10 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         self._reserve_s, self._scheduled_at = 0.0, None
 
     def _apply(self, meta: ReportMeta) -> None:
-        for req_id, values in meta.requests.items():
-            pages, full_lists, _, tokens = values
-            self._last[req_id] = values
+        for req_id, report in meta.requests.items():
+            self._last[req_id] = report
             if self._manager is not None:
-                self._manager.apply_report(req_id, HeldPages(tokens, pages, full_lists))
+                self._manager.apply_report(req_id, report)
         self._stats.aggregate(AdaptiveKVStats(data={
             "evicted_tokens": meta.evicted_tokens, "head_policy": meta.head_policy,
             "pages_free": meta.pages_free}))
@@ -298,10 +295,10 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         return False, None
 
     def _observe_finished(self, req_id: str) -> None:
-        values = self._last.pop(req_id, None)
-        if values is None or not self._total_lists or values[3] <= 0:
+        report = self._last.pop(req_id, None)
+        if report is None or not self._total_lists or report.tokens <= 0:
             return
-        self._stats.data["kept_fraction"].append(values[2] / (values[3] * self._total_lists))
+        self._stats.data["kept_fraction"].append(report.slots_held / (report.tokens * self._total_lists))
 
     def get_kv_connector_stats(self) -> AdaptiveKVStats | None:
         if self._stats.is_empty():

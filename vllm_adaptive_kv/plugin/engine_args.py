@@ -24,8 +24,8 @@ import os
 import sys
 from typing import Any, Mapping
 
-from ..config import parse_policy_config, read_policy_file, split_policy_settings
-from ..policies import POLICY_NAMES
+from ..core.config import parse_policy_config, read_policy_file, split_policy_settings
+from ..core.policies import POLICY_NAMES
 
 log = logging.getLogger("vllm.adaptive_kv")  # under "vllm" so vLLM's log handler prints it
 
@@ -38,8 +38,8 @@ CONNECTOR = {
 }
 VALIDATOR = "vllm_adaptive_kv.plugin.validation:RequestPolicyValidator"
 WORKERS = {
-    "cpu": "vllm_adaptive_kv.plugin.worker.AdaptiveCPUWorker",
-    "cuda": "vllm_adaptive_kv.plugin.worker.AdaptiveGPUWorker",
+    "cpu": "vllm_adaptive_kv.plugin.cpu.worker.AdaptiveCPUWorker",
+    "cuda": "vllm_adaptive_kv.plugin.gpu.worker.AdaptiveGPUWorker",  # not built yet: refused below
 }
 # Parallel modes whose KV layout or scheduling the plugin does not handle; TP is fine.
 SINGLE_ONLY_PARALLELISM = (

@@ -35,19 +35,12 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from ..core.step import RequestReport
+
 
 @dataclass(frozen=True, kw_only=True)
 class AdaptiveKVSpec(FullAttentionSpec):
     """Same page bytes as full attention; selects ``AdaptiveKVManager``."""
-
-
-@dataclass(frozen=True)
-class HeldPages:
-    """The worker's last report for a request (the fullest TP rank's values)."""
-
-    tokens: int  # tokens written to the request's lists
-    pages: int  # head pages held
-    full_lists: int  # lists whose last page is full (or empty)
 
 
 class AdaptiveKVManager(FullAttentionManager):
@@ -56,7 +49,7 @@ class AdaptiveKVManager(FullAttentionManager):
     def __init__(self, kv_cache_spec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.lists_per_block = 0  # L x H of this rank; set by the connector (configure)
-        self.held: dict[str, HeldPages] = {}
+        self.held: dict[str, RequestReport] = {}  # the worker's last report (fullest rank)
 
     def configure(self, lists_per_block: int) -> None:
         if lists_per_block <= 0:
@@ -74,7 +67,7 @@ class AdaptiveKVManager(FullAttentionManager):
         k = max(0, num_tokens - report.tokens)
         others = self.lists_per_block - report.full_lists
         growth = report.full_lists * cdiv(k, self.block_size) + others * cdiv(max(k - 1, 0), self.block_size)
-        return min(positions, cdiv(report.pages + growth, self.lists_per_block))
+        return min(positions, cdiv(report.pages_held + growth, self.lists_per_block))
 
     def _real_blocks(self, request_id: str) -> int:
         return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
@@ -115,7 +108,7 @@ class AdaptiveKVManager(FullAttentionManager):
 
     # --- worker feedback ---------------------------------------------------------------
 
-    def apply_report(self, request_id: str, report: HeldPages) -> int:
+    def apply_report(self, request_id: str, report: RequestReport) -> int:
         """Record what the worker holds; return surplus real blocks to the pool.
 
         Returns the number of blocks freed. Unknown (already freed) requests are ignored.
@@ -124,7 +117,7 @@ class AdaptiveKVManager(FullAttentionManager):
         if blocks is None:
             return 0
         self.held[request_id] = report
-        surplus = self._real_blocks(request_id) - cdiv(report.pages, self.lists_per_block)
+        surplus = self._real_blocks(request_id) - cdiv(report.pages_held, self.lists_per_block)
         freed = []
         for i in range(len(blocks) - 1, -1, -1):
             if len(freed) >= surplus:

@@ -21,8 +21,8 @@ import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from ..config import parse_policy_config, policy_fields, request_policy_settings, split_policy_settings
-from ..policies import POLICY_NAMES
+from ..core.config import parse_policy_config, policy_fields, request_policy_settings, split_policy_settings
+from ..core.policies import POLICY_NAMES
 from .engine_args import policy_settings_of, remembered_policy_settings
 
 

@@ -124,7 +124,7 @@ POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_pool(kv_pages, slot_pos=None, slot_flags=None, slot_score=None) -> tuple[int, int, int]:
-    """Validate the pool tensors of :mod:`vllm_adaptive_kv.layout`; return (P, bs, D).
+    """Validate the pool tensors of :mod:`vllm_adaptive_kv.core.layout`; return (P, bs, D).
 
     Metadata tensors may be strided views but must be ``[P, bs]``.
     """

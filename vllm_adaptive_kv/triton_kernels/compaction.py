@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import page_views
+from ..core.layout import page_views
 from ._triton import (
     check_last_dim_contiguous,
     check_pool,

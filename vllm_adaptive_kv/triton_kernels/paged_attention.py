@@ -278,6 +278,7 @@ def paged_attention(
     slot_score: torch.Tensor | None = None,
     score_weight: torch.Tensor | None = None,
     impl: str = "auto",
+    k_transposed: bool = False,
 ) -> torch.Tensor:
     """Causal (by original position) attention over per-head page lists, with GQA.
 
@@ -297,6 +298,8 @@ def paged_attention(
                     multiplied by ``score_weight[t]`` before they are added (0 leaves
                     the scores untouched, e.g. prompt rows outside an observation window).
         impl: "auto" | "triton" | "torch".
+        k_transposed: K blocks stored ``[D, bs]`` (``layout.page_views``); the torch
+                    reference only, the Triton kernel reads K row by row.
 
     Returns ``out``: softmax(scale * q.k) over visible keys times v, accumulated in fp32.
     A query that sees no key gets zeros. Decode is T = R with one token per request;
@@ -316,10 +319,12 @@ def paged_attention(
         check_tensor("score_weight", score_weight, torch.float32, dim=1, device=q.device)
         check_shape("score_weight", score_weight, (num_tokens,))
         check_last_dim_contiguous("score_weight", score_weight)
-    if not use_triton(impl, _paged_attention_kernel, q.device):
+    if k_transposed and impl == "triton":
+        raise ValueError("impl='triton' needs k_transposed=False: the kernel reads K row by row")
+    if k_transposed or not use_triton(impl, _paged_attention_kernel, q.device):
         return paged_attention_reference(q, token_req, q_pos, page_table, head_lens, kv_pages,
                                          slot_pos, scale, out=out, slot_score=slot_score,
-                                         score_weight=score_weight)
+                                         score_weight=score_weight, k_transposed=k_transposed)
     if num_tokens == 0:
         return out
     score = slot_score if slot_score is not None else slot_pos  # dummy pointer when unused
@@ -341,19 +346,76 @@ def paged_attention(
 
 
 # --------------------------------------------------------------------------- torch reference
+#
+# The reference works list by list: a *list* is one (request, kv head) page list,
+# ``page [N, Wb]`` its first ``Wb`` pages and ``lens [N]`` its length. Gathering
+# whole pages (contiguous copies) is much cheaper than addressing slot by slot, and
+# a request's list is gathered once for all of its queries of the step.
+#
+#     logical slot j of list n  ->  page[n, j // bs], offset j % bs
+#     key j visible to query i  <=>  j < lens[n]  and  slot_pos[j] <= q_pos[n, i]
+#
+# ``list_probs`` and ``add_slot_scores`` are THE score rule: every attention path
+# (this reference, the runtime's native CPU path; the Triton kernel computes the
+# same in its second pass) accumulates ``softmax probabilities summed over the G
+# query heads of the group and over the weighted queries`` into ``slot_score``.
 
 
-def gather_list_slots(page_table: torch.Tensor, head_lens: torch.Tensor, block_size: int):
-    """Physical address of every logical slot of every list.
+def list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=False):
+    """Softmax probabilities of queries over their lists' visible slots.
 
-    Returns (page [R, H, S] int64 with -1 pages clamped to 0, offset [S] int64,
-    in_list [R, H, S] bool) where S = max_pages * block_size.
+    q [N, t, G, D] (the t queries of list n, G query heads each), page [N, Wb] int
+    (-1 = no page), lens [N], q_pos [N, t] -> (probs [N, t, G, S] fp32, page [N, Wb]
+    int64 clamped), S = Wb * bs. A query that sees no key gets all-zero probabilities.
+
+    Logit precision, one rule for every torch caller: one-query lists (decode
+    tokens) multiply in the pool's dtype (float32 accumulation inside each dot
+    product, the result rounded to that dtype), which spares a float32 copy of every
+    gathered K block, the dominant cost of CPU decode scoring; longer runs (prompt
+    chunks, whose window profiles the heads) use float32 operands. The softmax is
+    float32 either way, and in a float32 pool both are the same.
     """
-    num_slots = page_table.shape[2] * block_size
-    logical = torch.arange(num_slots, device=page_table.device)
-    page = page_table.long()[..., logical // block_size]
-    in_list = (logical < head_lens[..., None]) & (page >= 0)
-    return page.clamp(min=0), logical % block_size, in_list
+    num_lists, t, group, head_dim = q.shape
+    page = page.long().clamp_min(0)
+    width = page.shape[1]
+    blocks = kv_pages[:, 0][page]  # [N, Wb, bs, D] raw K blocks, as stored
+    # K^T per page without a transposing copy when the pool stores K as [D, bs].
+    keys_t = blocks.view(num_lists, width, head_dim, -1) if k_transposed else blocks.transpose(-1, -2)
+    dtype = kv_pages.dtype if t == 1 else torch.float32
+    qg = q.reshape(num_lists, 1, t * group, head_dim).to(dtype)
+    logits = torch.matmul(qg, keys_t.to(dtype)).float()  # [N, Wb, t*G, bs]
+    logits = logits.transpose(1, 2).reshape(num_lists, t, group, -1)
+    key_pos = slot_pos[page].reshape(num_lists, -1)  # [N, S]
+    slots = torch.arange(key_pos.shape[1], device=q.device)
+    visible = (slots < lens.long()[:, None])[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])  # [N,t,S]
+    logits.mul_(scale).masked_fill_(~visible[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # all-masked rows -> 0
+    return probs, page
+
+
+def add_slot_scores(slot_score, probs, page, weight=None):
+    """slot_score[slot] += probabilities summed over the group and the weighted queries.
+
+    probs [N, t, G, S] from ``list_probs``, page [N, Wb] int64, weight [N, t] or None (1).
+    Invisible slots carry exact zeros, so clamped padding pages are left unchanged.
+    """
+    col = probs.sum(2)  # [N, t, S]
+    col = (col * weight[..., None]).sum(1) if weight is not None else col.sum(1)
+    block_size = slot_score.shape[1]
+    offs = torch.arange(block_size, device=page.device)
+    slot_ids = (page[..., None] * block_size + offs).reshape(-1)
+    slot_score.view(-1).index_put_((slot_ids,), col.reshape(-1).to(slot_score.dtype), accumulate=True)
+
+
+def list_attention(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=False):
+    """Attention of list queries: q [N, t, G, D] -> (out [N, t, G, D] fp32, probs, page)."""
+    probs, page = list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed)
+    num_lists, _, _, head_dim = q.shape
+    values = kv_pages[:, 1][page].reshape(num_lists, -1, head_dim).float()  # [N, S, D]
+    visible_any = probs.sum((1, 2)) > 0  # unlisted slots may hold NaN / Inf: zero them
+    values = values.masked_fill(~visible_any[..., None], 0.0)
+    out = torch.einsum("ntgs,nsd->ntgd", probs, values)
+    return out, probs, page
 
 
 def token_chunks(num_tokens: int, elems_per_token: int):
@@ -362,24 +424,62 @@ def token_chunks(num_tokens: int, elems_per_token: int):
     return [slice(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
 
 
-def reference_probs(q, q_pos, page, offset, in_list, kv_pages, slot_pos, scale):
-    """Softmax probabilities [t, H, G, S] (fp32) of a token chunk, 0 where not visible,
-    and the visibility mask [t, H, S].
+def token_batches(token_req: torch.Tensor, page_table: torch.Tensor, block_size: int, head_dim: int):
+    """Token indices ``[R, t]`` of request batches, each within the chunk bound.
 
-    ``page`` / ``in_list`` are already indexed by the chunk's requests: [t, H, S].
+    Runs of consecutive tokens of one request are found with a host read of
+    ``token_req``: one-token runs (decode) are batched together, each longer run
+    (a prefill chunk) goes alone, split over its tokens. Attention of a token depends
+    only on its own query and list, so any such split gives the same result.
     """
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_heads = page.shape[1]
-    keys = kv_pages[page, 0, offset].float()  # [t, H, S, D]
-    visible = in_list & (slot_pos[page, offset] <= q_pos[:, None, None])
-    qg = q.float().view(num_tokens, num_heads, num_q_heads // num_heads, head_dim)
-    logits = torch.einsum("thgd,thsd->thgs", qg, keys) * scale
-    logits = logits.masked_fill(~visible[:, :, None, :], float("-inf"))
-    row_max = logits.amax(-1, keepdim=True)
-    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # rows with no visible key
-    weights = torch.exp(logits - row_max)
-    total = weights.sum(-1, keepdim=True)
-    return weights / torch.where(total > 0, total, 1.0), visible
+    if token_req.numel() == 0:
+        return
+    _, counts = torch.unique_consecutive(token_req, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    device = token_req.device
+    single = counts == 1
+    per_list = page_table.shape[1] * page_table.shape[2] * block_size * head_dim
+    batch = max(1, _REFERENCE_CHUNK_ELEMS // max(1, per_list))
+    singles = starts[single].to(device)
+    for lo in range(0, singles.numel(), batch):
+        yield singles[lo:lo + batch, None]
+    for start, n in zip(starts[~single].tolist(), counts[~single].tolist()):
+        for chunk in token_chunks(n, per_list // head_dim):
+            yield torch.arange(start + chunk.start, start + chunk.stop, device=device)[None, :]
+
+
+def batch_lists(tokens, q, token_req, q_pos, page_table, head_lens, block_size):
+    """The lists and queries of the requests of ``tokens [R, t]``, flattened to N = R * H.
+
+    -> (q [N, t, G, D], page [N, Wb], lens [N], q_pos [N, t], rows [R] int64); Wb is
+    the batch's own widest list, in pages (a host read).
+    """
+    num_reqs, t = tokens.shape
+    num_q_heads, head_dim = q.shape[1:]
+    num_heads = page_table.shape[1]
+    rows = token_req[tokens[:, 0]].long()
+    lens = head_lens[rows].reshape(-1)
+    width = max(1, -(-int(lens.max()) // block_size))
+    page = page_table[rows, :, :width].reshape(num_reqs * num_heads, width)
+    ql = q[tokens].view(num_reqs, t, num_heads, num_q_heads // num_heads, head_dim).transpose(1, 2)
+    pos = q_pos[tokens].long().repeat_interleave(num_heads, dim=0)
+    return ql.reshape(num_reqs * num_heads, t, -1, head_dim), page, lens, pos, rows
+
+
+def _attend_batch(tokens, q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, scale, out,
+                  slot_score, score_weight, k_transposed):
+    """Attention (and scores) of the requests of ``tokens [R, t]`` in one batch."""
+    num_reqs, t = tokens.shape
+    num_q_heads, head_dim = q.shape[1:]
+    ql, page, lens, pos, _ = batch_lists(tokens, q, token_req, q_pos, page_table, head_lens, kv_pages.shape[2])
+    attn, probs, page = list_attention(ql, page, lens, pos, kv_pages, slot_pos, scale, k_transposed)
+    attn = attn.view(num_reqs, -1, t, attn.shape[2], head_dim).transpose(1, 2)
+    out[tokens] = attn.reshape(num_reqs, t, num_q_heads, head_dim).to(out.dtype)
+    if slot_score is not None:
+        weight = None
+        if score_weight is not None:
+            weight = score_weight[tokens].repeat_interleave(page_table.shape[1], dim=0)
+        add_slot_scores(slot_score, probs, page, weight)
 
 
 def paged_attention_reference(
@@ -394,31 +494,19 @@ def paged_attention_reference(
     out: torch.Tensor | None = None,
     slot_score: torch.Tensor | None = None,
     score_weight: torch.Tensor | None = None,
+    k_transposed: bool = False,
 ) -> torch.Tensor:
     """Torch version of :func:`paged_attention` (same arguments, minus ``impl``).
 
-    Gathers each token's list densely in chunks of tokens (bounded memory). Score
-    accumulation adds exact zeros to the clamped / invisible addresses, which leaves
-    those slots unchanged and avoids a data-dependent (host-syncing) selection.
+    Also the runtime's torch attention path, so it reads both K layouts
+    (``k_transposed``). One-token requests (decode) run as one batch; each longer
+    run of one request's tokens (a prefill chunk) gathers its lists once and is
+    split over its tokens so the probabilities stay bounded. Reads ``token_req``
+    and the lengths on the host (it is a reference and a CPU path).
     """
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_heads = page_table.shape[1]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    page, offset, in_list = gather_list_slots(page_table, head_lens, kv_pages.shape[2])
-    per_token = num_heads * page.shape[2] * (head_dim + num_q_heads // num_heads)
-    for chunk in token_chunks(num_tokens, per_token):
-        req = token_req[chunk].long()
-        chunk_page = page[req]
-        probs, visible = reference_probs(q[chunk], q_pos[chunk], chunk_page, offset, in_list[req],
-                                         kv_pages, slot_pos, scale)
-        # Unlisted slots may hold NaN / Inf garbage, and 0 * NaN = NaN: zero them first.
-        values = kv_pages[chunk_page, 1, offset].float().masked_fill(~visible[..., None], 0.0)
-        attn = torch.einsum("thgs,thsd->thgd", probs, values)
-        out[chunk] = attn.reshape(-1, num_q_heads, head_dim).to(out.dtype)
-        if slot_score is not None:
-            col = probs.sum(2)  # [t, H, S]
-            if score_weight is not None:
-                col = col * score_weight[chunk, None, None]
-            slot_score.index_put_((chunk_page, offset), col, accumulate=True)
+    for tokens in token_batches(token_req, page_table, kv_pages.shape[2], q.shape[2]):
+        _attend_batch(tokens, q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, scale, out,
+                      slot_score, score_weight, k_transposed)
     return out

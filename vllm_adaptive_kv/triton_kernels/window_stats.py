@@ -19,9 +19,9 @@ from .paged_attention import (
     _softmax_stats,
     attention_launch_constants,
     check_attention_args,
-    gather_list_slots,
-    reference_probs,
-    token_chunks,
+    batch_lists,
+    list_probs,
+    token_batches,
 )
 
 __all__ = ["window_attention_colsum", "window_attention_colsum_reference"]
@@ -139,18 +139,18 @@ def window_attention_colsum_reference(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Torch version of :func:`window_attention_colsum` (same arguments, minus ``impl``)."""
-    num_tokens, num_q_heads, head_dim = q.shape
+    """Torch version of :func:`window_attention_colsum` (same arguments, minus ``impl``).
+
+    Same score rule as the attention reference (``list_probs``), without weights.
+    """
     num_reqs, num_heads, max_pages = page_table.shape
-    page, offset, in_list = gather_list_slots(page_table, head_lens, kv_pages.shape[2])
-    num_slots = page.shape[2]
+    block_size = kv_pages.shape[2]
     if out is None:
-        out = torch.empty(num_reqs, num_heads, num_slots, dtype=torch.float32, device=q.device)
+        out = torch.empty(num_reqs, num_heads, max_pages * block_size, dtype=torch.float32, device=q.device)
     out.zero_()
-    per_token = num_heads * num_slots * (head_dim + num_q_heads // num_heads)
-    for chunk in token_chunks(num_tokens, per_token):
-        req = token_req[chunk].long()
-        probs, _ = reference_probs(q[chunk], q_pos[chunk], page[req], offset, in_list[req],
-                                   kv_pages, slot_pos, scale)
-        out[:, :, :num_slots].index_add_(0, req, probs.sum(2))
+    for tokens in token_batches(token_req, page_table, block_size, q.shape[2]):
+        ql, page, lens, pos, rows = batch_lists(tokens, q, token_req, q_pos, page_table, head_lens, block_size)
+        probs, _ = list_probs(ql, page, lens, pos, kv_pages, slot_pos, scale)
+        col = probs.sum((1, 2)).view(rows.numel(), num_heads, -1)  # [R, H, S_batch]
+        out[:, :, :col.shape[2]].index_add_(0, rows, col)
     return out

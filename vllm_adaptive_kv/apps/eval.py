@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .policies import FASTGEN_LADDER
+from ..core.policies import FASTGEN_LADDER
 
 TASKS = ("passkey", "needle", "chat")
 BASELINES = ("streamingllm", "h2o", "snapkv")
@@ -694,7 +694,7 @@ def names_arg(allowed: tuple[str, ...]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .model import MODELS
+    from ..model import MODELS
 
     p = argparse.ArgumentParser(prog="vllm-adaptive-kv eval", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
@@ -735,7 +735,7 @@ def prompts_arg(text: str) -> int:
 
 def model_problem(model: str) -> str | None:
     """Why ``--model`` cannot be used (None if it can): a known name, or a folder with a config.json."""
-    from .model import MODELS
+    from ..model import MODELS
 
     if model in MODELS:
         return None
@@ -752,7 +752,7 @@ def resolve_model(model: str) -> tuple[str, dict]:
 
     A known name is prepared (converted once, then cached) by ``prepare_model``.
     """
-    from .model import MODELS, prepare_model
+    from ..model import MODELS, prepare_model
 
     if model in MODELS:
         folder = Path(prepare_model(model))

@@ -2,11 +2,11 @@
 
     vllm-adaptive-kv model prepare [NAME] [--cache-dir DIR]   convert once; path on stdout's last line
     vllm-adaptive-kv model list                               known model names
-    vllm-adaptive-kv demo [ARGS...]                           vllm_adaptive_kv.batch_demo.main(ARGS)
-    vllm-adaptive-kv demo-core [ARGS...]                      vllm_adaptive_kv.demo.main(ARGS)
-    vllm-adaptive-kv eval [ARGS...]                           vllm_adaptive_kv.eval.main(ARGS)
-    vllm-adaptive-kv bench [ARGS...]                          vllm_adaptive_kv.bench.main(ARGS)
-    vllm-adaptive-kv overhead [ARGS...]                       vllm_adaptive_kv.overhead.main(ARGS)
+    vllm-adaptive-kv demo [ARGS...]                           vllm_adaptive_kv.apps.batch_demo.main(ARGS)
+    vllm-adaptive-kv demo-core [ARGS...]                      vllm_adaptive_kv.apps.demo.main(ARGS)
+    vllm-adaptive-kv eval [ARGS...]                           vllm_adaptive_kv.apps.eval.main(ARGS)
+    vllm-adaptive-kv bench [ARGS...]                          vllm_adaptive_kv.apps.bench.main(ARGS)
+    vllm-adaptive-kv overhead [ARGS...]                       vllm_adaptive_kv.apps.overhead.main(ARGS)
 
 Commands that live in their own module (demo, bench, and later eval) are listed in
 ``DELEGATES``: each gets the rest of the command line as ``module.main(argv)``.
@@ -21,11 +21,11 @@ import sys
 
 # command -> (module whose main(argv) runs it, help line)
 DELEGATES: dict[str, tuple[str, str]] = {
-    "demo": ("vllm_adaptive_kv.batch_demo", "offline vLLM batch on the embedded model: full vs fastgen"),
-    "demo-core": ("vllm_adaptive_kv.demo", "the core alone on transformers' attention maps (no vLLM)"),
-    "eval": ("vllm_adaptive_kv.eval", "quality vs KV kept: passkey, needle QA and chat fidelity over policies"),
-    "bench": ("vllm_adaptive_kv.bench", "serving throughput at a fixed KV budget: vanilla vLLM vs the plugin"),
-    "overhead": ("vllm_adaptive_kv.overhead", "per-step cost of our bookkeeping and eviction at 16/64/256 running"),
+    "demo": ("vllm_adaptive_kv.apps.batch_demo", "offline vLLM batch on the embedded model: full vs fastgen"),
+    "demo-core": ("vllm_adaptive_kv.apps.demo", "the core alone on transformers' attention maps (no vLLM)"),
+    "eval": ("vllm_adaptive_kv.apps.eval", "quality vs KV kept: passkey, needle QA and chat fidelity over policies"),
+    "bench": ("vllm_adaptive_kv.apps.bench", "serving throughput at a fixed KV budget: vanilla vLLM vs the plugin"),
+    "overhead": ("vllm_adaptive_kv.apps.overhead", "per-step cost of our bookkeeping and eviction at 16/64/256 running"),
 }
 
 
@@ -38,7 +38,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _cmd_model_prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .model import MODELS, ModelError, prepare_model
+    from ..model import MODELS, ModelError, prepare_model
 
     if args.name not in MODELS:
         parser.error(f"unknown model {args.name!r}; known models: {', '.join(sorted(MODELS))}")
@@ -54,7 +54,7 @@ def _cmd_model_prepare(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 
 def _cmd_model_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .model import MODELS
+    from ..model import MODELS
 
     for name, spec in sorted(MODELS.items()):
         print(f"{name}\t{spec.requirement}\t{spec.description}")

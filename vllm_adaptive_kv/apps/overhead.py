@@ -1,7 +1,7 @@
 """``vllm-adaptive-kv overhead``: what our bookkeeping and eviction cost per engine step.
 
 For each batch size N (default 16, 64, 256) it starts one offline vLLM engine with
-the plugin and ``VLLM_ADAPTIVE_KV_TIMING=1`` (see :mod:`vllm_adaptive_kv.timing`),
+the plugin and ``VLLM_ADAPTIVE_KV_TIMING=1`` (see :mod:`vllm_adaptive_kv.core.timing`),
 sends N short passkey prompts at once with ``max_num_seqs = N`` and a KV budget
 that holds them all, and reads the per-step timings off the KV-connector stats
 (a stat logger sees every step's ``SchedulerStats``). Reported per policy and N,
@@ -30,7 +30,7 @@ import os
 import sys
 import time
 
-from .timing import TIMING_ENV, overhead_summary
+from ..core.timing import TIMING_ENV, overhead_summary
 
 SCHEMA = "vllm-adaptive-kv/overhead/1"
 
@@ -159,7 +159,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    from .config import POLICY_NAMES
+    from ..core.config import POLICY_NAMES
 
     bad = [p for p in policies if p not in POLICY_NAMES]
     if bad or not policies:
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
 
 def _run(args, policies: list[str]) -> int:
     from .bench import build_workload, git_commit, machine_info, tokenizer_fns
-    from .model import prepare_model
+    from ..model import prepare_model
 
     model_dir = args.model or str(prepare_model("smollm2"))
     workload = build_workload(max(args.running), (args.prompt_tokens, args.prompt_tokens),

@@ -111,7 +111,11 @@ def _check_ratio(name: str, value: float, *, allow_zero: bool = True) -> None:
 
 
 class Policy(Protocol):
+    """What every policy declares: its name, and whether its keep mask reads
+    ``SlotView.scores`` (then the runtime accumulates attention into the slots)."""
+
     name: ClassVar[str]
+    needs_scores: ClassVar[bool]
 
     def keep_mask(self, view: SlotView) -> torch.Tensor: ...
 
@@ -121,6 +125,7 @@ class SpecialTokens:
     """Keep special tokens (BOS, chat-template markers)."""
 
     name: ClassVar[str] = "special"
+    needs_scores: ClassVar[bool] = False
 
     def keep_mask(self, view: SlotView) -> torch.Tensor:
         return view.valid & flag_mask(view.flags, FLAG_SPECIAL)
@@ -131,6 +136,7 @@ class Punctuation:
     """Keep punctuation tokens."""
 
     name: ClassVar[str] = "punct"
+    needs_scores: ClassVar[bool] = False
 
     def keep_mask(self, view: SlotView) -> torch.Tensor:
         return view.valid & flag_mask(view.flags, FLAG_PUNCT)
@@ -142,6 +148,7 @@ class Local:
 
     ratio: float = 0.3
     name: ClassVar[str] = "local"
+    needs_scores: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_ratio("local_ratio", self.ratio)
@@ -157,6 +164,7 @@ class Frequent:
 
     ratio: float = 0.3
     name: ClassVar[str] = "frequent"
+    needs_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_ratio("frequent_ratio", self.ratio)
@@ -170,6 +178,7 @@ class Full:
     """Keep everything."""
 
     name: ClassVar[str] = "full"
+    needs_scores: ClassVar[bool] = False
 
     def keep_mask(self, view: SlotView) -> torch.Tensor:
         return view.valid
@@ -181,6 +190,10 @@ class Union:
 
     parts: tuple
     name: ClassVar[str] = "union"
+
+    @property
+    def needs_scores(self) -> bool:
+        return any(part.needs_scores for part in self.parts)
 
     def __post_init__(self) -> None:
         if not self.parts:
@@ -217,6 +230,8 @@ class FastGen:
     frequent_ratio: float = 0.3
     name: ClassVar[str] = "fastgen"
     ladder: ClassVar[tuple[str, ...]] = FASTGEN_LADDER
+    needs_scores: ClassVar[bool] = True  # profiling reads the window's scores; frequent rungs keep adding
+    chooses_per_head: ClassVar[bool] = True  # a per-list choice at the prompt's end (``choose``)
 
     def __post_init__(self) -> None:
         _check_ratio("recovery_ratio", self.recovery_ratio, allow_zero=False)
@@ -247,6 +262,23 @@ class FastGen:
         index = choice.to(torch.int64).clamp(0, len(self.ladder) - 1)
         return rungs.gather(0, index[None, :, None].expand(1, *rungs.shape[1:]))[0]
 
+    def choose(self, view: SlotView, window_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Profile at the prompt's end: ``(choice [H], keep [H, N])``.
+
+        ``view.scores`` holds the observation window's column sums; ``window_rows [H]``
+        the query rows behind them (window tokens x query group), see ``profiler.py``.
+        """
+        from .profiler import FastGenProfiler  # profiler builds on this module
+
+        profile = FastGenProfiler(self).profile_window(view, view.scores, window_rows)
+        return profile.choice, profile.keep
+
+    def scores_needed(self, choice: torch.Tensor) -> torch.Tensor:
+        """bool like ``choice``: lists whose rung reads scores while decoding (frequent)."""
+        scored = torch.tensor([i for i, name in enumerate(self.ladder) if "frequent" in name],
+                              device=choice.device)
+        return torch.isin(choice, scored)
+
 
 # --- baselines at a fixed KV budget -----------------------------------------
 
@@ -258,6 +290,7 @@ class StreamingLLM:
     budget_ratio: float = 0.5
     sink_tokens: int = 4
     name: ClassVar[str] = "streamingllm"
+    needs_scores: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_ratio("budget_ratio", self.budget_ratio, allow_zero=False)
@@ -279,6 +312,7 @@ class H2O:
     budget_ratio: float = 0.5
     recent_fraction: float = 0.5
     name: ClassVar[str] = "h2o"
+    needs_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_ratio("budget_ratio", self.budget_ratio, allow_zero=False)
@@ -304,6 +338,7 @@ class SnapKV:
     window: int = 32
     pool_kernel: int = 7
     name: ClassVar[str] = "snapkv"
+    needs_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_ratio("budget_ratio", self.budget_ratio, allow_zero=False)

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import KVPool
-from .paging import PagedHeadCache
-from .policies import FASTGEN_LADDER, FastGen
-from .profiler import FastGenProfiler, Profile, prompt_view, window_statistics
+from ..core.layout import KVPool
+from ..core.paging import PagedHeadCache
+from ..core.policies import FASTGEN_LADDER, FastGen
+from ..core.profiler import FastGenProfiler, Profile, prompt_view, window_statistics
 from .prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
-from .token_classes import build_token_flags
-from .triton_kernels.compaction import compact_slots
-from .triton_kernels.write_kv import write_kv
+from ..core.token_classes import build_token_flags
+from ..triton_kernels.compaction import compact_slots
+from ..triton_kernels.write_kv import write_kv
 
 LETTERS = "SPFLA"  # one letter per rung of FASTGEN_LADDER
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         FastGen(recovery_ratio=t)  # validates with a clear message
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import prepare_model
+    from ..model import prepare_model
 
     path = prepare_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))

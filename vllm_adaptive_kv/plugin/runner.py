@@ -1,7 +1,7 @@
-"""Worker and model-runner subclasses: drive ``HeadCacheRuntime`` once per step.
+"""The model-runner hooks, device-neutral: drive ``HeadCacheRuntime`` once per step.
 
-Selected by ``engine_args`` (``worker_cls``) only when a kv policy is set. Per
-engine step, inside vLLM's V1 ``execute_model``::
+Mixed in front of vLLM's V1 model runner (``plugin/cpu/worker.py`` puts it before
+``CPUModelRunner``). Per engine step, inside vLLM's ``execute_model``::
 
     _update_states        finished / preempted / resumed requests -> runtime.release
     _build_attention_metadata
@@ -12,33 +12,28 @@ engine step, inside vLLM's V1 ``execute_model``::
                           runtime.finish_step evicts/compacts and the report goes
                           to the connector, which sends it to the scheduler
 
-``initialize_kv_cache`` re-views vLLM's one KV buffer as the head-page pool.
+``initialize_kv_cache`` re-views vLLM's one KV buffer as the head-page pool and
+asks the device part (``_attention_path``) which attention path runs over it.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 from vllm.logger import init_logger
-from vllm.v1.worker import cpu_worker
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-from vllm.v1.worker.cpu_worker import CPUWorker
 
-from ..config import parse_policy_config, request_policy_settings
-from ..layout import KVPool
-from ..runtime import HeadCacheRuntime
-from ..timing import StepTimer, timing_enabled
-from ..token_classes import build_token_flags
+from ..core.attention import AttentionPath
+from ..core.config import parse_policy_config, request_policy_settings
+from ..core.layout import KVPool
+from ..core.runtime import HeadCacheRuntime
+from ..core.timing import StepTimer, timing_enabled
+from ..core.token_classes import build_token_flags
 from .backend import AdaptiveMetadataBuilder, StepSource, pool_view
-from .cpu_attention import VllmCpuPagedAttention, native_cpu_attention_available
 from .engine_args import policy_settings_of
 
 logger = init_logger("vllm.adaptive_kv")  # under vLLM's configured logger tree
-
-CPU_BACKEND_PATH = "vllm_adaptive_kv.plugin.backend.AdaptiveCPUAttentionBackend"
 
 
 class AdaptiveRunnerMixin:
@@ -62,7 +57,7 @@ class AdaptiveRunnerMixin:
         if timing_enabled():
             on_cuda = kv_caches[0].is_cuda
             self._adaptive_timer = StepTimer(True, torch.cuda.synchronize if on_cuda else None)
-            self._adaptive_source.runtime.timer = self._adaptive_timer
+            self._adaptive_source.runtime.attention.timer = self._adaptive_timer
         for groups in self.attn_groups:
             for group in groups:
                 builder = group.get_metadata_builder()
@@ -73,19 +68,21 @@ class AdaptiveRunnerMixin:
         pages = pool_view(kv_caches)
         model_config = self.model_config
         num_kv_heads = kv_caches[0].shape[1]
-        num_q_heads = model_config.get_num_attention_heads(self.parallel_config)
-        native = _use_native_attention(pages.shape[2], pages.shape[3])
-        pool = KVPool.from_kv_pages(pages, k_transposed=native)
-        attention = VllmCpuPagedAttention(num_q_heads // num_kv_heads, pages.shape[3], pages.dtype) if native else None
-        tokenizer = _load_tokenizer(model_config)
-        flags = build_token_flags(tokenizer, model_config.get_vocab_size())
+        query_group = model_config.get_num_attention_heads(self.parallel_config) // num_kv_heads
+        attention = self._attention_path(pages, query_group)
+        pool = KVPool.from_kv_pages(pages, k_transposed=attention.k_transposed)
+        flags = build_token_flags(_load_tokenizer(model_config), model_config.get_vocab_size())
         settings = policy_settings_of(self.vllm_config)
         logger.info("vllm-adaptive-kv: %d head pages of %d tokens (%d layers x %d KV heads), policy %s, "
-                    "attention %s", pool.num_pages, pool.block_size, num_layers, num_kv_heads, settings,
-                    "vLLM's CPU kernel" if native else "torch")
-        return HeadCacheRuntime(pool, num_layers, num_kv_heads, num_q_heads // num_kv_heads,
+                    "attention path %s", pool.num_pages, pool.block_size, num_layers, num_kv_heads, settings,
+                    attention.name)
+        return HeadCacheRuntime(pool, num_layers, num_kv_heads, query_group,
                                 self.scheduler_config.max_num_seqs, model_config.max_model_len,
-                                flags, settings, native_attention=attention)
+                                flags, settings, attention)
+
+    def _attention_path(self, pages: torch.Tensor, query_group: int) -> AttentionPath:
+        """The attention path over the pool, chosen once at start-up (device part)."""
+        raise NotImplementedError
 
     def adaptive_kv_state(self) -> dict:
         runtime = self._adaptive_source.runtime
@@ -160,20 +157,6 @@ class AdaptiveRunnerMixin:
         return output
 
 
-def _use_native_attention(block_size: int, head_dim: int) -> bool:
-    """vLLM's CPU kernel unless VLLM_ADAPTIVE_KV_CPU_ATTENTION=torch or the shape rules it out."""
-    choice = os.environ.get(CPU_ATTENTION_ENV, "native")
-    if choice not in ("native", "torch"):
-        raise ValueError(f"{CPU_ATTENTION_ENV}={choice!r} is invalid: allowed values are 'native', 'torch'")
-    if choice == "torch":
-        return False
-    if not native_cpu_attention_available(block_size, head_dim):
-        logger.warning("vllm-adaptive-kv: block size %d / head_dim %d rule out vLLM's CPU attention kernel "
-                       "(needs multiples of 32); using the slower torch attention", block_size, head_dim)
-        return False
-    return True
-
-
 def _load_tokenizer(model_config):
     from transformers import AutoTokenizer
 
@@ -181,43 +164,3 @@ def _load_tokenizer(model_config):
                                          trust_remote_code=model_config.trust_remote_code)
 
 
-class AdaptiveCPUModelRunner(AdaptiveRunnerMixin, CPUModelRunner):
-    """vLLM's CPU model runner with the adaptive KV hooks."""
-
-
-def install_cpu_backend() -> None:
-    """Point CPU_ATTN at our backend in this (worker) process."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
-
-
-CPU_ATTENTION_ENV = "VLLM_ADAPTIVE_KV_CPU_ATTENTION"
-
-
-class AdaptiveCPUWorker(CPUWorker):
-    """CPUWorker that builds ``AdaptiveCPUModelRunner`` and our attention backend."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        install_cpu_backend()
-
-    def adaptive_kv_state(self) -> dict:
-        """For ``LLM.collective_rpc``: live requests, pages in use and the pool audit."""
-        return self.model_runner.adaptive_kv_state()
-
-    def adaptive_kv_head_policies(self) -> dict:
-        """For ``LLM.collective_rpc``: per-head FastGen policies of recent requests."""
-        return self.model_runner.adaptive_kv_head_policies()
-
-    def init_device(self) -> None:
-        # CPUWorker.init_device constructs the module-global CPUModelRunner; swap it
-        # for the duration of the call only.
-        original = cpu_worker.CPUModelRunner
-        cpu_worker.CPUModelRunner = AdaptiveCPUModelRunner
-        try:
-            super().init_device()
-        finally:
-            cpu_worker.CPUModelRunner = original
-        if not isinstance(self.model_runner, AdaptiveCPUModelRunner):
-            raise RuntimeError("vllm-adaptive-kv needs the V1 CPU model runner")

@@ -81,7 +81,7 @@ def parse_range(name: str, text: str, minimum: int = 1) -> tuple[int, int]:
 
 def parse_configs(text: str) -> list[str]:
     """Comma-separated configurations: ``vanilla`` and/or the plugin's policy names, no repeats."""
-    from .policies import POLICY_NAMES
+    from ..core.policies import POLICY_NAMES
 
     allowed = (VANILLA, *POLICY_NAMES)
     names = [c.strip() for c in str(text).split(",") if c.strip()]
@@ -701,7 +701,7 @@ def main(argv=None) -> int:
     if args.kv_policy_config and not Path(args.kv_policy_config).is_file():
         parser.error(f"--kv-policy-config={args.kv_policy_config!r} is not a file")
     if args.model is None:
-        from .model import prepare_model
+        from ..model import prepare_model
 
         args.model = str(prepare_model("smollm2"))
     elif not Path(args.model).is_dir():

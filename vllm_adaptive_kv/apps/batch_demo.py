@@ -87,7 +87,7 @@ def report(row: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .model import prepare_model
+    from ..model import prepare_model
 
     model_dir = str(prepare_model("smollm2"))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

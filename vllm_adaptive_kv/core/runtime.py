@@ -1,0 +1,343 @@
+"""Worker-side engine state: the per-head page pool, one engine step at a time.
+
+``HeadCacheRuntime`` is what an inference engine's worker drives; it knows
+nothing of vLLM. It does the step's bookkeeping and hands attention to the
+``AttentionPath`` chosen at start-up (``core/attention.py``). One step::
+
+    plan_step(requests, tokens)     allocate this step's slots in every head list
+                                    -> StepMetadata (core/step.py; shared by every layer)
+    attend(layer, q, k, v, out)     x L: write K/V, then the attention path (which
+                                    also adds observation rows' attention to the scores)
+    finish_step(meta)               prompt complete -> profile + evict + compact;
+                                    every ``block_size`` decode tokens -> re-evict;
+                                    -> StepReport (a RequestReport per request, for the scheduler)
+    release(req_ids)                finish / abort / preemption: every page back at once
+
+Rows: each live request owns one row of the page tables (``PagedHeadCache``).
+
+Scores: a slot's score is the attention it received from the request's
+*observation rows*: prompt positions ``>= prompt_len - observation_window`` and
+every later token (``StepScoring``). At the prompt's end these are exactly the
+window column sums FastGen profiling needs; afterwards they keep accumulating
+for the frequent / heavy-hitter components. Only requests whose policy declares
+``needs_scores`` accumulate.
+
+Decode-time eviction is lazy: a request's lists are re-evicted every
+``block_size`` tokens after its prompt, so a head may hold up to one page of
+tokens its policy would already have dropped (docs/design.md, "Eviction").
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..triton_kernels.compaction import compact_slots
+from ..triton_kernels.write_kv import write_kv
+from .attention import AttentionPath
+from .config import KVPolicyConfig, parse_policy_config
+from .layout import KVPool
+from .paging import PagedHeadCache
+from .policies import SlotView
+from .step import RequestReport, StepMetadata, StepReport, StepRequests, StepScoring, StepTokens
+
+PROFILE_HISTORY = 1024  # per-head policy maps kept for inspection
+
+
+@dataclass
+class RowState:
+    """Host-side facts of one live request (all known without reading the device)."""
+
+    req_id: str
+    config: KVPolicyConfig
+    prompt_len: int
+    tokens: int = 0  # tokens written to its lists so far (before eviction)
+    profiled: bool = False  # prompt-end eviction done
+    since_evict: int = 0  # tokens appended since the last eviction
+    longest: int = 0  # slots of its longest list (host bound, exact after each report)
+    # [L, H] bool: lists whose decode tokens accumulate scores (None = all of them).
+    # A policy that chooses per head narrows it at the prompt's end (``scores_needed``).
+    score_heads: torch.Tensor | None = None
+
+    @property
+    def window_start(self) -> int:
+        return max(0, self.prompt_len - self.config.observation_window)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.config.policy.needs_scores
+
+
+class HeadCacheRuntime:
+    """The pool, the page tables and the policies of one worker (one TP rank)."""
+
+    def __init__(self, pool: KVPool, num_layers: int, num_kv_heads: int, query_group: int, max_reqs: int,
+                 max_model_len: int, token_flags: torch.Tensor, default_settings: dict,
+                 attention: AttentionPath) -> None:
+        self.pool = pool
+        self.query_group = query_group  # query heads per kv head
+        self.block_size = pool.block_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        device = pool.kv_pages.device
+        width = -(-max_model_len // pool.block_size) + 1
+        self.cache = PagedHeadCache(pool.num_pages, pool.block_size, num_layers, num_kv_heads,
+                                    width, max_reqs, device=device)
+        self.attention = attention
+        attention.bind(pool, self.cache)
+        self.choice = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64, device=device)
+        self.token_flags = token_flags.to(device)
+        self.default_settings = dict(default_settings)
+        self.default_config = parse_policy_config(self.default_settings)
+        self.rows: dict[str, int] = {}
+        self.state: dict[int, RowState] = {}
+        self._free_rows = list(range(max_reqs - 1, -1, -1))
+        self._evicted = torch.zeros((), dtype=torch.int64, device=device)
+        self._decisions: Counter = Counter()
+        # req_id -> [layer][kv_head] policy name chosen at prompt end (policies that
+        # choose per head); the most recent PROFILE_HISTORY requests, for plots and audits.
+        self.head_policies: OrderedDict[str, list[list[str]]] = OrderedDict()
+
+    # --- requests ------------------------------------------------------------
+
+    def check_add(self, req_id: str) -> None:
+        if req_id in self.rows:
+            raise ValueError(f"request {req_id!r} is already live")
+        if not self._free_rows:
+            raise RuntimeError(f"no free request row: all {self.cache.shape[0]} rows are live")
+
+    def add(self, req_id: str, prompt_len: int, config: KVPolicyConfig | None = None) -> int:
+        """Give a request a row; ``config`` None = the runtime's default policy."""
+        self.check_add(req_id)
+        row = self._free_rows.pop()
+        self.rows[req_id] = row
+        self.state[row] = RowState(req_id, config or self.default_config, int(prompt_len))
+        return row
+
+    def release(self, req_ids) -> None:
+        """Return every page of these requests (unknown ids are ignored)."""
+        rows = [self.rows.pop(r) for r in req_ids if r in self.rows]
+        if not rows:
+            return
+        self.cache.release(torch.tensor(rows, dtype=torch.int64, device=self.cache.device))
+        for row in rows:
+            del self.state[row]
+            self._free_rows.append(row)
+
+    # --- one step ---------------------------------------------------------------
+
+    def plan_step(self, req_ids: list[str], num_tokens: list[int], positions: torch.Tensor,
+                  token_ids: torch.Tensor) -> StepMetadata:
+        """Allocate slots for ``num_tokens[i]`` new tokens of each (live) request.
+
+        positions / token_ids: [>= T] for the step's tokens, requests in ``req_ids`` order.
+        """
+        device = self.cache.device
+        rows = [self.rows[r] for r in req_ids]
+        states = [self.state[r] for r in rows]
+        total = int(sum(num_tokens))
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
+        counts = torch.tensor(num_tokens, dtype=torch.int64, device=device)
+        slot_mapping = self.cache.allocate(rows_t, counts, total, max(num_tokens, default=0))
+        starts = [0]
+        for n in num_tokens[:-1]:
+            starts.append(starts[-1] + n)
+        requests = StepRequests(list(req_ids), rows, rows_t, list(num_tokens), starts[:len(rows)], 0)
+        tokens = StepTokens(
+            token_row=torch.repeat_interleave(rows_t, counts, output_size=total).to(torch.int32),
+            positions=positions[:total].to(torch.int32),
+            flags=self.token_flags[token_ids[:total].long().clamp(0, self.token_flags.numel() - 1)],
+            slot_mapping=slot_mapping)
+        meta = StepMetadata(requests, tokens, self._plan_scoring(states, requests, tokens))
+        for st, n in zip(states, num_tokens):
+            st.tokens += n
+            st.longest += n
+            if st.profiled:
+                st.since_evict += n
+        requests.width = min(self.cache.width, -(-max((s.longest for s in states), default=0) // self.block_size))
+        meta.path = self.attention.plan(meta)
+        return meta
+
+    def _plan_scoring(self, states: list[RowState], requests: StepRequests,
+                      tokens: StepTokens) -> StepScoring | None:
+        """Observation rows of scoring requests (see StepScoring); None if nobody scores.
+
+        Runs before the states count this step's tokens: ``st.tokens`` is still the
+        position of the request's first token of the step.
+        """
+        if not any(s.needs_scores for s in states):
+            return None
+        device = self.cache.device
+        window = torch.tensor([s.window_start if s.needs_scores else 1 << 30 for s in states],
+                              dtype=torch.int32, device=device)
+        per_token = torch.repeat_interleave(window, torch.tensor(requests.num_tokens, device=device),
+                                            output_size=tokens.positions.numel())
+        scoring = StepScoring(weight=(tokens.positions >= per_token).to(torch.float32))
+        if self.attention.scores_by_list:
+            decode, decode_heads = [], []
+            for row, start, n, st in zip(requests.rows, requests.starts, requests.num_tokens, states):
+                first = start + max(0, st.window_start - st.tokens)
+                if not st.needs_scores or first >= start + n:
+                    continue
+                if n == 1:
+                    decode.append((start, row))
+                    decode_heads.append(st.score_heads)
+                else:
+                    scoring.spans.append((row, first, start + n))
+            scoring.decode_lists = self._decode_score_lists(decode, decode_heads, device)
+        return scoring
+
+    def _decode_score_lists(self, decode, decode_heads, device) -> list:
+        """Per layer, the (token, row, head) lists whose decode token is scored.
+
+        decode: (token index, row) of one-token scoring requests; decode_heads:
+        their ``score_heads`` masks. Lists are grouped by layer::
+
+            mask [Rd, L, H] -> nonzero of [L, Rd, H] -> (layer, i, head), layer-sorted
+        """
+        per_layer: list = [None] * self.num_layers
+        if not decode:
+            return per_layer
+        full = torch.ones(self.num_layers, self.num_kv_heads, dtype=torch.bool)
+        mask = torch.stack([full if m is None else m for m in decode_heads]).transpose(0, 1)
+        layer, item, head = mask.nonzero(as_tuple=True)
+        tokens = torch.tensor([t for t, _ in decode], dtype=torch.int64)[item]
+        rows = torch.tensor([r for _, r in decode], dtype=torch.int64)[item]
+        counts = mask.sum(dim=(1, 2)).tolist()
+        for lay, tok, row, hd in zip(range(self.num_layers), tokens.split(counts), rows.split(counts),
+                                     head.split(counts)):
+            if tok.numel():
+                per_layer[lay] = (tok.to(device), row.to(device), hd.to(device))
+        return per_layer
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
+        """Write this layer's K/V of the step, then attention of every query.
+
+        q [T, Hq, D], k / v [T, H, D], out [T, Hq, D] (written).
+        """
+        pool, tokens = self.pool, meta.tokens
+        write_kv(k, v, tokens.slot_mapping[layer], tokens.positions, tokens.flags, pool.kv_pages,
+                 pool.slot_pos, pool.slot_flags, pool.slot_score, impl=self.attention.kernel_impl,
+                 k_transposed=pool.k_transposed)
+        self.attention.attend(layer, q, out, meta, scale)
+        return out
+
+    # --- after the forward pass -----------------------------------------------------
+
+    def finish_step(self, meta: StepMetadata) -> StepReport:
+        """Evict where due, then report what every request of the step holds."""
+        rows = meta.requests.rows
+        due_prompt = [r for r in rows if not self.state[r].profiled
+                      and self.state[r].tokens >= self.state[r].prompt_len]
+        due_decode = [r for r in rows if self.state[r].profiled
+                      and self.state[r].since_evict >= self.block_size]
+        if due_prompt:
+            self._evict(due_prompt, at_prompt_end=True)
+        if due_decode:
+            self._evict(due_decode, at_prompt_end=False)
+        for r in due_prompt:
+            self.state[r].profiled = True
+        for r in due_prompt + due_decode:
+            self.state[r].since_evict = 0
+        return self._report(meta.requests)
+
+    def _report(self, requests: StepRequests) -> StepReport:
+        lens = self.cache.lens[requests.rows_t].to(torch.int64)  # [R, L, H]
+        bs = self.block_size
+        held = ((lens + bs - 1) // bs).sum(dim=(1, 2))
+        full_last = (lens % bs == 0).sum(dim=(1, 2))
+        slots = lens.sum(dim=(1, 2))
+        longest = lens.amax(dim=(1, 2))
+        per_req = torch.stack([held, full_last, slots, longest]).T.tolist()  # the step's one host read
+        extra = torch.stack([self._evicted, self.cache.num_free.reshape(())]).tolist()
+        self._evicted.zero_()
+        report = StepReport(evicted_tokens=int(extra[0]), pages_free=int(extra[1]),
+                            head_policy_counts=dict(self._decisions))
+        self._decisions.clear()
+        for req_id, row, (held, full_last, slots, longest) in zip(requests.req_ids, requests.rows, per_req):
+            self.state[row].longest = longest
+            report.requests[req_id] = RequestReport(held, full_last, slots, self.state[row].tokens)
+        return report
+
+    def _evict(self, rows: list[int], at_prompt_end: bool) -> None:
+        """Apply each request's policy to its lists and compact them (batched per policy)."""
+        groups: dict[KVPolicyConfig, list[int]] = {}
+        for r in rows:
+            groups.setdefault(self.state[r].config, []).append(r)
+        for config, group_rows in groups.items():
+            if config.name == "full":  # keeps everything: nothing to compute or move
+                if at_prompt_end:
+                    self._decisions["full"] += len(group_rows) * self.num_layers * self.num_kv_heads
+                continue
+            self._evict_group(config, group_rows, at_prompt_end)
+
+    def _evict_group(self, config: KVPolicyConfig, rows: list[int], at_prompt_end: bool) -> None:
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=self.cache.device)
+        num_slots = max(self.state[r].tokens for r in rows)
+        view = self._slot_view(rows_t, [self.state[r].tokens for r in rows], num_slots)
+        keep = self._keep_mask(config, rows, rows_t, view, at_prompt_end)
+        before = self.cache.lens[rows_t].to(torch.int64).sum()
+        plan = self.cache.plan_compaction(rows_t, keep.view(len(rows), self.num_layers,
+                                                            self.num_kv_heads, num_slots))
+        pool = self.pool
+        compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score,
+                      plan.src_slot, plan.dst_slot, plan.num_moves, impl=self.attention.kernel_impl,
+                      k_transposed=pool.k_transposed)
+        self.cache.commit_compaction(plan)
+        self._evicted += before - plan.new_lens.to(torch.int64).sum()
+
+    def _keep_mask(self, config, rows, rows_t, view: SlotView, at_prompt_end: bool) -> torch.Tensor:
+        policy = config.policy
+        if not getattr(policy, "chooses_per_head", False):
+            if at_prompt_end:
+                self._decisions[config.name] += view.lengths.numel()
+            return policy.keep_mask(view)
+        if not at_prompt_end:
+            return policy.keep_mask(view, self.choice[rows_t].reshape(-1))
+        shape = (len(rows), self.num_layers, self.num_kv_heads)
+        window_tokens = torch.tensor([self.state[r].tokens - self.state[r].window_start for r in rows],
+                                     dtype=torch.int64, device=rows_t.device)
+        window_rows = (window_tokens * self.query_group)[:, None].expand(shape[0], shape[1] * shape[2])
+        choice, keep = policy.choose(view, window_rows.reshape(-1))
+        choice = choice.view(shape)
+        self.choice[rows_t] = choice
+        for row, needed in zip(rows, policy.scores_needed(choice).cpu()):
+            self.state[row].score_heads = needed
+        self._record_choices(policy, rows, choice)
+        return keep
+
+    def _record_choices(self, policy, rows: list[int], choice: torch.Tensor) -> None:
+        """Count decisions per rung and keep the per-head policy map of each request."""
+        counts = torch.bincount(choice.reshape(-1), minlength=len(policy.ladder)).tolist()
+        for name, count in zip(policy.ladder, counts):
+            if count:
+                self._decisions[name] += count
+        for row, per_layer in zip(rows, choice.tolist()):
+            self.head_policies[self.state[row].req_id] = [[policy.ladder[c] for c in heads] for heads in per_layer]
+        while len(self.head_policies) > PROFILE_HISTORY:
+            self.head_policies.popitem(last=False)
+
+    def _slot_view(self, rows_t: torch.Tensor, tokens: list[int], num_slots: int) -> SlotView:
+        """SlotView of every list of ``rows_t``, flattened (row, layer, head), N = num_slots."""
+        bs, pool = self.block_size, self.pool
+        logical = torch.arange(num_slots, device=rows_t.device)
+        table = self.cache.table[rows_t]  # [R, L, H, W]
+        page = table[..., logical // bs].long().clamp_min(0)  # [R, L, H, N]
+        offset = (logical % bs).expand_as(page)
+        per_row = self.num_layers * self.num_kv_heads
+        seq_len = torch.tensor(tokens, dtype=torch.int64, device=rows_t.device)
+        return SlotView(
+            flags=pool.slot_flags[page, offset].reshape(-1, num_slots),
+            positions=pool.slot_pos[page, offset].reshape(-1, num_slots).to(torch.int64),
+            scores=pool.slot_score[page, offset].reshape(-1, num_slots),
+            lengths=self.cache.lens[rows_t].reshape(-1).to(torch.int64),
+            seq_len=seq_len.repeat_interleave(per_row),
+        )
+
+    # --- checks -------------------------------------------------------------------------
+
+    def pages_in_use(self) -> int:
+        return self.cache.num_pages - int(self.cache.num_free)
