@@ -24,7 +24,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..triton_kernels.paged_attention import add_slot_scores, list_probs, paged_attention
+from ..triton_kernels.paged_attention import (
+    add_slot_scores,
+    list_probs,
+    paged_attention,
+    paged_attention_reference,
+)
 from .layout import KVPool
 from .paging import PagedHeadCache
 from .step import StepMetadata
@@ -61,7 +66,11 @@ class AttentionPath:
 
 
 class TorchAttention(AttentionPath):
-    """The kernels' own torch reference over the lists (any device, both K layouts)."""
+    """The kernels' own torch reference over the lists (any device, both K layouts).
+
+    Decode logits in the pool's dtype, as the native CPU path scores them, so the
+    two CPU paths make the same eviction decisions (``list_probs``).
+    """
 
     name = "torch"
 
@@ -70,11 +79,11 @@ class TorchAttention(AttentionPath):
 
     def attend(self, layer, q, out, meta, scale) -> None:
         pool, scoring, tokens = self.pool, meta.scoring, meta.tokens
-        paged_attention(q, tokens.token_row, tokens.positions, self.cache.table[:, layer],
-                        self.cache.lens[:, layer], pool.kv_pages, pool.slot_pos, scale, out=out,
-                        slot_score=pool.slot_score if scoring is not None else None,
-                        score_weight=scoring.weight if scoring is not None else None,
-                        impl="torch", k_transposed=pool.k_transposed)
+        paged_attention_reference(q, tokens.token_row, tokens.positions, self.cache.table[:, layer],
+                                  self.cache.lens[:, layer], pool.kv_pages, pool.slot_pos, scale, out=out,
+                                  slot_score=pool.slot_score if scoring is not None else None,
+                                  score_weight=scoring.weight if scoring is not None else None,
+                                  k_transposed=pool.k_transposed, decode_logits_in_pool_dtype=True)
 
 
 class TritonAttention(AttentionPath):
@@ -88,8 +97,7 @@ class TritonAttention(AttentionPath):
         paged_attention(q, tokens.token_row, tokens.positions, self.cache.table[:, layer],
                         self.cache.lens[:, layer], pool.kv_pages, pool.slot_pos, scale, out=out,
                         slot_score=pool.slot_score if scoring is not None else None,
-                        score_weight=scoring.weight if scoring is not None else None,
-                        impl="triton")
+                        score_weight=scoring.weight if scoring is not None else None, impl="triton")
 
 
 ATTENTION_PATHS = {"torch": TorchAttention, "triton": TritonAttention}
@@ -123,7 +131,8 @@ def score_lists(pool: KVPool, cache: PagedHeadCache, layer: int, q: torch.Tensor
         own = max(1, -(-int(lens.max()) // pool.block_size))
         page = cache.table[row, layer, head, :min(width, own)]
         probs, page = list_probs(by_head[token, head][:, None], page, lens, positions[token][:, None],
-                                 pool.kv_pages, pool.slot_pos, scale, pool.k_transposed)
+                                 pool.kv_pages, pool.slot_pos, scale, pool.k_transposed,
+                                 decode_logits_in_pool_dtype=True)
         add_slot_scores(pool.slot_score, probs, page)
     for row, start, end in scoring.spans:
         span_q = by_head[start:end].transpose(0, 1)  # [H, t, G, D]

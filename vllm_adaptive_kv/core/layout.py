@@ -49,27 +49,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..triton_kernels import page_views  # noqa: F401  (the within-page layout, read by the kernels too)
+
 FLAG_SPECIAL = 1
 FLAG_PUNCT = 2
 
 NO_PAGE = -1
-
-
-def page_views(kv_pages: torch.Tensor, k_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views ``(k_pages, v_pages)``, each ``[P, bs, D]``, over ``kv_pages [P, 2, bs, D]``.
-
-    With ``k_transposed`` the K block of each page is stored ``[D, bs]``; the view
-    then has strides ``(page stride, 1, bs)``, so ``k_pages[p, t]`` is still slot t.
-    """
-    num_pages, _, block_size, head_dim = kv_pages.shape
-    if kv_pages.stride(3) != 1 or kv_pages.stride(2) != head_dim or kv_pages.stride(1) != block_size * head_dim:
-        raise ValueError(f"kv_pages must be contiguous within each page, got strides {kv_pages.stride()}")
-    values = kv_pages[:, 1]
-    if not k_transposed:
-        return kv_pages[:, 0], values
-    keys = kv_pages.as_strided((num_pages, block_size, head_dim), (kv_pages.stride(0), 1, block_size),
-                               kv_pages.storage_offset())
-    return keys, values
 
 
 @dataclass

@@ -231,7 +231,7 @@ class FastGen:
     name: ClassVar[str] = "fastgen"
     ladder: ClassVar[tuple[str, ...]] = FASTGEN_LADDER
     needs_scores: ClassVar[bool] = True  # profiling reads the window's scores; frequent rungs keep adding
-    chooses_per_head: ClassVar[bool] = True  # a per-list choice at the prompt's end (``choose``)
+    chooses_per_head: ClassVar[bool] = True  # a per-list rung, profiled at the prompt's end (profiler.py)
 
     def __post_init__(self) -> None:
         _check_ratio("recovery_ratio", self.recovery_ratio, allow_zero=False)
@@ -261,17 +261,6 @@ class FastGen:
         rungs = self.candidate_masks(view)
         index = choice.to(torch.int64).clamp(0, len(self.ladder) - 1)
         return rungs.gather(0, index[None, :, None].expand(1, *rungs.shape[1:]))[0]
-
-    def choose(self, view: SlotView, window_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Profile at the prompt's end: ``(choice [H], keep [H, N])``.
-
-        ``view.scores`` holds the observation window's column sums; ``window_rows [H]``
-        the query rows behind them (window tokens x query group), see ``profiler.py``.
-        """
-        from .profiler import FastGenProfiler  # profiler builds on this module
-
-        profile = FastGenProfiler(self).profile_window(view, view.scores, window_rows)
-        return profile.choice, profile.keep
 
     def scores_needed(self, choice: torch.Tensor) -> torch.Tensor:
         """bool like ``choice``: lists whose rung reads scores while decoding (frequent)."""

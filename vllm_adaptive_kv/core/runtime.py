@@ -41,6 +41,7 @@ from .config import KVPolicyConfig, parse_policy_config
 from .layout import KVPool
 from .paging import PagedHeadCache
 from .policies import SlotView
+from .profiler import FastGenProfiler
 from .step import RequestReport, StepMetadata, StepReport, StepRequests, StepScoring, StepTokens
 
 PROFILE_HISTORY = 1024  # per-head policy maps kept for inspection
@@ -301,8 +302,8 @@ class HeadCacheRuntime:
         window_tokens = torch.tensor([self.state[r].tokens - self.state[r].window_start for r in rows],
                                      dtype=torch.int64, device=rows_t.device)
         window_rows = (window_tokens * self.query_group)[:, None].expand(shape[0], shape[1] * shape[2])
-        choice, keep = policy.choose(view, window_rows.reshape(-1))
-        choice = choice.view(shape)
+        profile = FastGenProfiler(policy).profile_window(view, view.scores, window_rows.reshape(-1))
+        choice, keep = profile.choice.view(shape), profile.keep
         self.choice[rows_t] = choice
         for row, needed in zip(rows, policy.scores_needed(choice).cpu()):
             self.state[row].score_heads = needed

@@ -6,7 +6,7 @@ torch reference otherwise (also when Triton is not installed: ``HAS_TRITON``).
 See ``docs/kernels.md``.
 """
 
-from ._triton import HAS_TRITON
+from ._triton import HAS_TRITON, page_views
 from .compaction import compact_slots, compact_slots_reference
 from .paged_attention import paged_attention, paged_attention_reference
 from .window_stats import window_attention_colsum, window_attention_colsum_reference
@@ -14,6 +14,7 @@ from .write_kv import write_kv, write_kv_reference
 
 __all__ = [
     "HAS_TRITON",
+    "page_views",
     "compact_slots",
     "compact_slots_reference",
     "paged_attention",

@@ -124,7 +124,7 @@ POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_pool(kv_pages, slot_pos=None, slot_flags=None, slot_score=None) -> tuple[int, int, int]:
-    """Validate the pool tensors of :mod:`vllm_adaptive_kv.core.layout`; return (P, bs, D).
+    """Validate the pool tensors (layout in ``core/layout.py``); return (P, bs, D).
 
     Metadata tensors may be strided views but must be ``[P, bs]``.
     """
@@ -140,3 +140,20 @@ def check_pool(kv_pages, slot_pos=None, slot_flags=None, slot_score=None) -> tup
             check_tensor(name, t, dtype, dim=2, device=kv_pages.device)
             check_shape(name, t, (num_pages, block_size))
     return num_pages, block_size, head_dim
+
+
+def page_views(kv_pages: torch.Tensor, k_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(k_pages, v_pages)``, each ``[P, bs, D]``, over ``kv_pages [P, 2, bs, D]``.
+
+    With ``k_transposed`` the K block of each page is stored ``[D, bs]``; the view
+    then has strides ``(page stride, 1, bs)``, so ``k_pages[p, t]`` is still slot t.
+    """
+    num_pages, _, block_size, head_dim = kv_pages.shape
+    if kv_pages.stride(3) != 1 or kv_pages.stride(2) != head_dim or kv_pages.stride(1) != block_size * head_dim:
+        raise ValueError(f"kv_pages must be contiguous within each page, got strides {kv_pages.stride()}")
+    values = kv_pages[:, 1]
+    if not k_transposed:
+        return kv_pages[:, 0], values
+    keys = kv_pages.as_strided((num_pages, block_size, head_dim), (kv_pages.stride(0), 1, block_size),
+                               kv_pages.storage_offset())
+    return keys, values

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.layout import page_views
 from ._triton import (
     check_last_dim_contiguous,
     check_pool,
     check_shape,
     check_tensor,
+    page_views,
     tl,
     triton,
     use_triton,

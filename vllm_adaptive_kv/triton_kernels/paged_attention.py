@@ -361,19 +361,21 @@ def paged_attention(
 # query heads of the group and over the weighted queries`` into ``slot_score``.
 
 
-def list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=False):
+def list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=False,
+               decode_logits_in_pool_dtype=False):
     """Softmax probabilities of queries over their lists' visible slots.
 
     q [N, t, G, D] (the t queries of list n, G query heads each), page [N, Wb] int
     (-1 = no page), lens [N], q_pos [N, t] -> (probs [N, t, G, S] fp32, page [N, Wb]
     int64 clamped), S = Wb * bs. A query that sees no key gets all-zero probabilities.
 
-    Logit precision, one rule for every torch caller: one-query lists (decode
-    tokens) multiply in the pool's dtype (float32 accumulation inside each dot
-    product, the result rounded to that dtype), which spares a float32 copy of every
-    gathered K block, the dominant cost of CPU decode scoring; longer runs (prompt
-    chunks, whose window profiles the heads) use float32 operands. The softmax is
-    float32 either way, and in a float32 pool both are the same.
+    Logits come from float32 operands, except with ``decode_logits_in_pool_dtype``
+    for one-query lists (decode tokens): those multiply in the pool's dtype (float32
+    accumulation inside each dot product, the result rounded to that dtype), which
+    spares a float32 copy of every gathered K block, the dominant cost of CPU decode
+    scoring. The runtime's CPU paths both set it, so they decide alike; as an oracle
+    for the kernels it stays off. The softmax is float32 either way, and in a
+    float32 pool both are the same.
     """
     num_lists, t, group, head_dim = q.shape
     page = page.long().clamp_min(0)
@@ -381,7 +383,7 @@ def list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=Fal
     blocks = kv_pages[:, 0][page]  # [N, Wb, bs, D] raw K blocks, as stored
     # K^T per page without a transposing copy when the pool stores K as [D, bs].
     keys_t = blocks.view(num_lists, width, head_dim, -1) if k_transposed else blocks.transpose(-1, -2)
-    dtype = kv_pages.dtype if t == 1 else torch.float32
+    dtype = kv_pages.dtype if decode_logits_in_pool_dtype and t == 1 else torch.float32
     qg = q.reshape(num_lists, 1, t * group, head_dim).to(dtype)
     logits = torch.matmul(qg, keys_t.to(dtype)).float()  # [N, Wb, t*G, bs]
     logits = logits.transpose(1, 2).reshape(num_lists, t, group, -1)
@@ -407,9 +409,11 @@ def add_slot_scores(slot_score, probs, page, weight=None):
     slot_score.view(-1).index_put_((slot_ids,), col.reshape(-1).to(slot_score.dtype), accumulate=True)
 
 
-def list_attention(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=False):
+def list_attention(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=False,
+                   decode_logits_in_pool_dtype=False):
     """Attention of list queries: q [N, t, G, D] -> (out [N, t, G, D] fp32, probs, page)."""
-    probs, page = list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed)
+    probs, page = list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed,
+                             decode_logits_in_pool_dtype)
     num_lists, _, _, head_dim = q.shape
     values = kv_pages[:, 1][page].reshape(num_lists, -1, head_dim).float()  # [N, S, D]
     visible_any = probs.sum((1, 2)) > 0  # unlisted slots may hold NaN / Inf: zero them
@@ -467,12 +471,13 @@ def batch_lists(tokens, q, token_req, q_pos, page_table, head_lens, block_size):
 
 
 def _attend_batch(tokens, q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, scale, out,
-                  slot_score, score_weight, k_transposed):
+                  slot_score, score_weight, k_transposed, decode_logits_in_pool_dtype):
     """Attention (and scores) of the requests of ``tokens [R, t]`` in one batch."""
     num_reqs, t = tokens.shape
     num_q_heads, head_dim = q.shape[1:]
     ql, page, lens, pos, _ = batch_lists(tokens, q, token_req, q_pos, page_table, head_lens, kv_pages.shape[2])
-    attn, probs, page = list_attention(ql, page, lens, pos, kv_pages, slot_pos, scale, k_transposed)
+    attn, probs, page = list_attention(ql, page, lens, pos, kv_pages, slot_pos, scale, k_transposed,
+                                       decode_logits_in_pool_dtype)
     attn = attn.view(num_reqs, -1, t, attn.shape[2], head_dim).transpose(1, 2)
     out[tokens] = attn.reshape(num_reqs, t, num_q_heads, head_dim).to(out.dtype)
     if slot_score is not None:
@@ -495,11 +500,13 @@ def paged_attention_reference(
     slot_score: torch.Tensor | None = None,
     score_weight: torch.Tensor | None = None,
     k_transposed: bool = False,
+    decode_logits_in_pool_dtype: bool = False,
 ) -> torch.Tensor:
     """Torch version of :func:`paged_attention` (same arguments, minus ``impl``).
 
     Also the runtime's torch attention path, so it reads both K layouts
-    (``k_transposed``). One-token requests (decode) run as one batch; each longer
+    (``k_transposed``) and takes ``list_probs``'s precision switch
+    (``decode_logits_in_pool_dtype``). One-token requests (decode) run as one batch; each longer
     run of one request's tokens (a prefill chunk) gathers its lists once and is
     split over its tokens so the probabilities stay bounded. Reads ``token_req``
     and the lengths on the host (it is a reference and a CPU path).
@@ -508,5 +515,5 @@ def paged_attention_reference(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for tokens in token_batches(token_req, page_table, kv_pages.shape[2], q.shape[2]):
         _attend_batch(tokens, q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, scale, out,
-                      slot_score, score_weight, k_transposed)
+                      slot_score, score_weight, k_transposed, decode_logits_in_pool_dtype)
     return out
