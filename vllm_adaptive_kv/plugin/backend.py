@@ -94,7 +94,7 @@ class AdaptiveAttentionImpl(AttentionImpl):
             return output  # warm-up / profiling runs without a planned step
         step = attn_metadata.step
         source = attn_metadata.source
-        n = step.positions.numel()
+        n = step.tokens.positions.numel()
         source.runtime.attend(source.layer_index[layer.layer_name], query[:n], key[:n], value[:n],
                               output[:n], step, self.scale)
         return output
