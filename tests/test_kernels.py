@@ -358,6 +358,29 @@ def test_reference_token_chunking_matches_one_chunk(monkeypatch):
     torch.testing.assert_close(window_attention_colsum_reference(*args), one_colsum, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("case", ATTENTION_PARAMS[:4])
+def test_reference_reads_transposed_keys_alike(case: AttentionCase):
+    """The reference is also the runtime's torch path on a pool laid out for vLLM's CPU
+    kernel (K blocks stored [D, bs]): the same tokens give the same outputs and scores."""
+    pool, lists, queries = case.setup()
+    args = (queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens)
+    scores = {}
+    outs = {}
+    for k_transposed in (False, True):
+        kv_pages = pool.kv_pages.clone()
+        if k_transposed:  # the same K rows, stored transposed within each page
+            kv_pages[:, 0] = pool.kv_pages[:, 0].transpose(-1, -2).reshape(kv_pages[:, 0].shape)
+        score = pool.slot_score.clone()
+        outs[k_transposed] = paged_attention_reference(*args, kv_pages, pool.slot_pos, 0.125, slot_score=score,
+                                                       k_transposed=k_transposed)
+        scores[k_transposed] = score
+    # Same products; only the matmul's summation order may differ with the layout.
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[True], scores[False], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="k_transposed=False"):
+        paged_attention(*args, pool.kv_pages, pool.slot_pos, 0.125, impl="triton", k_transposed=True)
+
+
 # --------------------------------------------------------------------------- window stats
 
 WINDOW_CASES = [
