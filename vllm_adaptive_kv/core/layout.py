@@ -17,7 +17,8 @@ own KV buffer can be re-viewed as the pool without a copy. Within a page, V is
 always stored row by row (``[bs, D]``). K is stored either the same way
 (``k_transposed=False``, what the Triton kernels read) or transposed, ``[D, bs]``
 (``k_transposed=True``, what vLLM's native CPU attention kernel reads). Code that
-reads or writes slots goes through :func:`page_views`, which hides the difference::
+reads or writes slots goes through :func:`page_views` (defined with the kernels in
+``triton_kernels/_triton.py``, re-exported here), which hides the difference::
 
     k_pages, v_pages = page_views(kv_pages, k_transposed)   # both [P, bs, D] views
     k_pages[page, offset]   # the K row of one slot, whatever the storage order

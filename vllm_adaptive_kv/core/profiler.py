@@ -16,8 +16,10 @@ Two modes:
 
 - window (``profile_window``): the keep set is computed once at the end of the
   prompt and judged on the last ``W`` prompt queries. Only the window's column
-  sums are needed (``colsum[h, j] = sum over g, rows of a``), which the
-  ``window_stats`` kernel produces from the paged cache::
+  sums are needed (``colsum[h, j] = sum over g, rows of a``). The runtime passes
+  the slots' accumulated scores, which at the prompt's end are exactly these sums
+  (``core/step.py``, ``StepScoring``); the ``window_stats`` kernel computes them
+  from the paged cache in one call, ``window_statistics`` from a dense map::
 
       recovered[c, h] = sum_j keep_c[h, j] * colsum[h, j] / (G * W)
 

@@ -20,7 +20,8 @@ Scores: a slot's score is the attention it received from the request's
 every later token (``StepScoring``). At the prompt's end these are exactly the
 window column sums FastGen profiling needs; afterwards they keep accumulating
 for the frequent / heavy-hitter components. Only requests whose policy declares
-``needs_scores`` accumulate.
+``needs_scores`` accumulate; on paths that score list by list, a policy that
+chooses per head narrows its decode scoring to the lists ``scores_needed`` names.
 
 Decode-time eviction is lazy: a request's lists are re-evicted every
 ``block_size`` tokens after its prompt, so a head may hold up to one page of

@@ -9,8 +9,10 @@ each step records, in seconds:
              schedule()) + applying the workers'           per-head sequence lists
              reports (update_from_output)         evict_s  eviction + compaction + report
     step_s   from the end of schedule() to the    score_s  attention-score accumulation
-             end of update_from_output, plus               for scoring policies (CPU path:
-             our reservation time                          torch, beside vLLM's kernel)
+             end of update_from_output, plus               for scoring policies: the native
+             our reservation time                          CPU path only (torch, beside vLLM's
+                                                           kernel); the torch path scores
+                                                           inside its attention, untimed apart
                                                   worker_step_s  execute_model up to the
                                                            report (sampling excluded)
 

@@ -5,14 +5,15 @@ each layer an ``AdaptiveAttentionMetadata`` that points at the worker's
 ``HeadCacheRuntime`` and the step's ``StepMetadata`` (planned once for all
 layers by the model runner). ``AdaptiveAttentionImpl.forward`` hands the layer's
 q / k / v to ``HeadCacheRuntime.attend``, which writes K/V into the slots
-allocated for the step and runs the attention path chosen at start-up (vLLM's CPU
-kernel or the torch reference on CPU, the Triton kernels on CUDA).
+allocated for the step and runs the attention path chosen at start-up (on CPU,
+vLLM's CPU kernel or the torch reference; the Triton path waits for a GPU backend,
+which is not built).
 
 vLLM's own KV-cache write (``do_kv_cache_update``, by block-table slot mapping)
 is switched off with ``forward_includes_kv_cache_update = True``: vLLM's block
 ids do not address our pages. ``AdaptiveBackendMixin`` holds the class-level
 declarations every device backend shares; ``plugin/cpu/backend.py`` puts it in
-front of vLLM's CPU backend.
+front of vLLM's CPU backend (the only device backend so far).
 """
 
 from __future__ import annotations

@@ -329,7 +329,9 @@ def with_validator(logits_processors: list | None) -> list:
 
 
 def use_v1_model_runner() -> None:
-    # Only the V1 GPU model runner is subclassed; engine processes inherit os.environ.
+    # For the GPU worker to come (plugin/gpu/, not built): the runner mixin targets the V1
+    # model runner. Unreachable today, since worker_class refuses CUDA first. Engine
+    # processes inherit os.environ.
     from vllm.platforms import current_platform
 
     if current_platform.is_cuda():

@@ -37,7 +37,7 @@ logger = init_logger("vllm.adaptive_kv")  # under vLLM's configured logger tree
 
 
 class AdaptiveRunnerMixin:
-    """Runner hooks; mixed in front of vLLM's (CPU or GPU) V1 model runner."""
+    """Runner hooks; mixed in front of a vLLM V1 model runner (today only ``CPUModelRunner``)."""
 
     _adaptive_source: StepSource | None = None
     _adaptive_output = None  # the SchedulerOutput of the step being executed

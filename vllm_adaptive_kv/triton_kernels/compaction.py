@@ -119,12 +119,12 @@ def compact_slots(
     """Move slots ``src_slot[m, j] -> dst_slot[m, j]`` for ``j < num_moves[m]``, in place.
 
     Args:
-        kv_pages, slot_pos, slot_flags, slot_score: the pool (``layout.py``).
+        kv_pages, slot_pos, slot_flags, slot_score: the pool (``core/layout.py``).
         src_slot, dst_slot: [M, max_moves] int64 physical slot ids; entries at
             ``j >= num_moves[m]`` are ignored.
         num_moves: [M] int32 moves of each row (one row = one head list), <= max_moves.
         impl: "auto" | "triton" | "torch".
-        k_transposed: K blocks are stored ``[D, bs]`` (``layout.page_views``);
+        k_transposed: K blocks are stored ``[D, bs]`` (``page_views``);
             torch only.
 
     The planner contract in the module docstring must hold. Source slots keep their

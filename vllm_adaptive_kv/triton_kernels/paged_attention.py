@@ -289,7 +289,7 @@ def paged_attention(
         q_pos:      [T] int32 original position of each query.
         page_table: [R, H, max_pages] int32, -1 = no page (may be a strided layer view).
         head_lens:  [R, H] int32 slots held by each list.
-        kv_pages, slot_pos: the pool (``layout.py``).
+        kv_pages, slot_pos: the pool (``core/layout.py``).
         scale:      softmax scale (usually D ** -0.5).
         out:        optional preallocated [T, Hq, D] in q's dtype (returned).
         slot_score: optional [P, bs] fp32; every visible key slot gets += its softmax
@@ -298,7 +298,7 @@ def paged_attention(
                     multiplied by ``score_weight[t]`` before they are added (0 leaves
                     the scores untouched, e.g. prompt rows outside an observation window).
         impl: "auto" | "triton" | "torch".
-        k_transposed: K blocks stored ``[D, bs]`` (``layout.page_views``); the torch
+        k_transposed: K blocks stored ``[D, bs]`` (``page_views``); the torch
                     reference only, the Triton kernel reads K row by row.
 
     Returns ``out``: softmax(scale * q.k) over visible keys times v, accumulated in fp32.

@@ -4,6 +4,10 @@ FastGen profiles each head on the attention the last ``W`` prompt queries pay to
 every cached key. This kernel returns, per list (r, h) and LOGICAL slot i, the
 softmax probability of slot i summed over the window queries of r and the G query
 heads of group h. Causality follows :mod:`.paged_attention` (original positions).
+
+The runtime does not call it: there the same sums are the slots' scores at the
+prompt's end, added by the attention paths as the window rows are computed. The
+kernel is exercised by the tests and ``scripts/bench_kernels.py``.
 """
 
 from __future__ import annotations

@@ -106,10 +106,10 @@ def write_kv(
         slot_mapping: [T, H] int64 physical slot id (``page * bs + offset``); -1 = skip.
         positions:    [T] int32 (contiguous) original token position -> ``slot_pos``.
         flags:        [T] uint8 (contiguous) token-class bits -> ``slot_flags``.
-        kv_pages, slot_pos, slot_flags, slot_score: the pool (see ``layout.py``);
+        kv_pages, slot_pos, slot_flags, slot_score: the pool (see ``core/layout.py``);
             ``slot_score`` of every written slot is reset to 0.
         impl: "auto" | "triton" | "torch".
-        k_transposed: K blocks are stored ``[D, bs]`` (``layout.page_views``);
+        k_transposed: K blocks are stored ``[D, bs]`` (``page_views``);
             torch only.
 
     Two (token, head) pairs must not name the same slot (which write wins is undefined).

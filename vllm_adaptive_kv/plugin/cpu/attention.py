@@ -15,8 +15,9 @@ uncompressed tokens costs in vanilla vLLM.
 
 The "vec" ISA kernel is used whatever the machine offers: it reads K blocks
 transposed (``[D, bs]``, what ``layout.page_views`` calls ``k_transposed``) for
-fp32 and bf16 alike, and needs a block size that is a multiple of 32. (The AMX
-kernel packs bf16 K differently and is never selected here.)
+fp32 and bf16 alike, and needs a block size and a head_dim that are multiples of
+32 (``native_cpu_attention_available``; otherwise the worker uses the torch path).
+(The AMX kernel packs bf16 K differently and is never selected here.)
 """
 
 from __future__ import annotations
