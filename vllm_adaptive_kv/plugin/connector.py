@@ -152,8 +152,9 @@ class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
         self.overhead = self._counter_cls(
             name="vllm_adaptive_kv:overhead_seconds", labelnames=labelnames + ["part"],
             documentation="Opt-in (VLLM_ADAPTIVE_KV_TIMING=1) seconds per part: sched (our block "
-                          "reservation and report handling), step (scheduler step), plan, evict (eviction "
-                          "and compaction), worker_step (execute_model); see vllm_adaptive_kv.core.timing.")
+                          "reservation and report handling), step (scheduler step), plan, score (attention-score "
+                          "accumulation), evict (eviction and compaction), worker_step (execute_model); "
+                          "see vllm_adaptive_kv.core.timing.")
         self.timed_steps = self._counter_cls(
             name="vllm_adaptive_kv:timed_steps", labelnames=labelnames,
             documentation="Opt-in (VLLM_ADAPTIVE_KV_TIMING=1) engine steps covered by overhead_seconds.")

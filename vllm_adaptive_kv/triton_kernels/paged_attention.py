@@ -370,7 +370,7 @@ def list_probs(q, page, lens, q_pos, kv_pages, slot_pos, scale, k_transposed=Fal
     int64 clamped), S = Wb * bs. A query that sees no key gets all-zero probabilities.
 
     Logits come from float32 operands, except with ``decode_logits_in_pool_dtype``
-    for one-query lists (decode tokens): those multiply in the pool's dtype (float32
+    for one-query lists (callers set it for decode tokens only): those multiply in the pool's dtype (float32
     accumulation inside each dot product, the result rounded to that dtype), which
     spares a float32 copy of every gathered K block, the dominant cost of CPU decode
     scoring. The runtime's CPU paths both set it, so they decide alike; as an oracle
@@ -429,7 +429,7 @@ def token_chunks(num_tokens: int, elems_per_token: int):
 
 
 def token_batches(token_req: torch.Tensor, page_table: torch.Tensor, block_size: int, head_dim: int):
-    """Token indices ``[R, t]`` of request batches, each within the chunk bound.
+    """``(tokens [R, t], one_token_runs)`` of request batches, each within the chunk bound.
 
     Runs of consecutive tokens of one request are found with a host read of
     ``token_req``: one-token runs (decode) are batched together, each longer run
@@ -446,10 +446,10 @@ def token_batches(token_req: torch.Tensor, page_table: torch.Tensor, block_size:
     batch = max(1, _REFERENCE_CHUNK_ELEMS // max(1, per_list))
     singles = starts[single].to(device)
     for lo in range(0, singles.numel(), batch):
-        yield singles[lo:lo + batch, None]
+        yield singles[lo:lo + batch, None], True
     for start, n in zip(starts[~single].tolist(), counts[~single].tolist()):
         for chunk in token_chunks(n, per_list // head_dim):
-            yield torch.arange(start + chunk.start, start + chunk.stop, device=device)[None, :]
+            yield torch.arange(start + chunk.start, start + chunk.stop, device=device)[None, :], False
 
 
 def batch_lists(tokens, q, token_req, q_pos, page_table, head_lens, block_size):
@@ -513,7 +513,8 @@ def paged_attention_reference(
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    for tokens in token_batches(token_req, page_table, kv_pages.shape[2], q.shape[2]):
+    for tokens, one_token_runs in token_batches(token_req, page_table, kv_pages.shape[2], q.shape[2]):
+        # Only one-token requests are decode rows; a one-token piece of a split chunk is not.
         _attend_batch(tokens, q, token_req, q_pos, page_table, head_lens, kv_pages, slot_pos, scale, out,
-                      slot_score, score_weight, k_transposed, decode_logits_in_pool_dtype)
+                      slot_score, score_weight, k_transposed, decode_logits_in_pool_dtype and one_token_runs)
     return out

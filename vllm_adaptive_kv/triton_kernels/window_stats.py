@@ -152,7 +152,7 @@ def window_attention_colsum_reference(
     if out is None:
         out = torch.empty(num_reqs, num_heads, max_pages * block_size, dtype=torch.float32, device=q.device)
     out.zero_()
-    for tokens in token_batches(token_req, page_table, block_size, q.shape[2]):
+    for tokens, _ in token_batches(token_req, page_table, block_size, q.shape[2]):
         ql, page, lens, pos, rows = batch_lists(tokens, q, token_req, q_pos, page_table, head_lens, block_size)
         probs, _ = list_probs(ql, page, lens, pos, kv_pages, slot_pos, scale)
         col = probs.sum((1, 2)).view(rows.numel(), num_heads, -1)  # [R, H, S_batch]

@@ -26,7 +26,7 @@ CPU_ATTENTION_CHOICES = ("native", "torch")
 
 def cpu_attention_path(block_size: int, head_dim: int, query_group: int, dtype: torch.dtype) -> AttentionPath:
     """vLLM's CPU kernel unless VLLM_ADAPTIVE_KV_CPU_ATTENTION=torch or the shape rules it out."""
-    choice = os.environ.get(CPU_ATTENTION_ENV, "native")
+    choice = os.environ.get(CPU_ATTENTION_ENV) or "native"  # unset or empty: the default
     if choice not in CPU_ATTENTION_CHOICES:
         raise ValueError(f"{CPU_ATTENTION_ENV}={choice!r} is invalid: allowed values are "
                          + ", ".join(repr(c) for c in CPU_ATTENTION_CHOICES))
