@@ -2,8 +2,16 @@
 
 Selected by ``engine_args`` (``worker_cls``) only when a kv policy is set. The
 device-neutral step hooks are in ``plugin/runner.py``; this module adds what is
-CPU-specific: the attention path (vLLM's CPU kernel or the torch reference,
-``VLLM_ADAPTIVE_KV_CPU_ATTENTION``), the backend registration and the runner swap.
+CPU-specific: the attention path, the backend registration and the runner swap.
+
+``VLLM_ADAPTIVE_KV_CPU_ATTENTION`` picks the path once, at start-up:
+
+    native   vLLM's CPU attention kernel (default; block size and head_dim multiples of 32)
+    torch    the kernels' torch reference (any shape; slower)
+    triton   the Triton kernels in Triton's interpreter: exactly the CUDA attention
+             path (write_kv, paged attention with scores, compaction), run inside
+             vLLM on CPU to prove it there. Very slow; needs TRITON_INTERPRET=1 set
+             before vLLM starts (Triton fixes interpretation when a kernel is defined).
 """
 
 from __future__ import annotations
@@ -15,13 +23,16 @@ from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from ...core.attention import AttentionPath, TorchAttention
+from ...core.attention import AttentionPath, TorchAttention, TritonAttention
+from ...triton_kernels import HAS_TRITON
+from ...triton_kernels._triton import is_interpreted
+from ...triton_kernels.paged_attention import _paged_attention_kernel
 from ..runner import AdaptiveRunnerMixin, logger
 from .attention import NativeCpuAttention, native_cpu_attention_available
 
 CPU_BACKEND_PATH = "vllm_adaptive_kv.plugin.cpu.backend.AdaptiveCPUAttentionBackend"
 CPU_ATTENTION_ENV = "VLLM_ADAPTIVE_KV_CPU_ATTENTION"
-CPU_ATTENTION_CHOICES = ("native", "torch")
+CPU_ATTENTION_CHOICES = ("native", "torch", "triton")
 
 
 def cpu_attention_path(block_size: int, head_dim: int, query_group: int, dtype: torch.dtype) -> AttentionPath:
@@ -32,11 +43,23 @@ def cpu_attention_path(block_size: int, head_dim: int, query_group: int, dtype: 
                          + ", ".join(repr(c) for c in CPU_ATTENTION_CHOICES))
     if choice == "torch":
         return TorchAttention()
+    if choice == "triton":
+        check_triton_interpreter()
+        return TritonAttention()
     if not native_cpu_attention_available(block_size, head_dim):
         logger.warning("vllm-adaptive-kv: block size %d / head_dim %d rule out vLLM's CPU attention kernel "
                        "(needs multiples of 32); using the slower torch attention", block_size, head_dim)
         return TorchAttention()
     return NativeCpuAttention(query_group, head_dim, dtype)
+
+
+def check_triton_interpreter() -> None:
+    """The Triton path on CPU runs only in Triton's interpreter; say how to get it."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"{CPU_ATTENTION_ENV}=triton needs the triton package: pip install triton")
+    if not is_interpreted(_paged_attention_kernel):
+        raise RuntimeError(f"{CPU_ATTENTION_ENV}=triton runs the Triton kernels in Triton's interpreter on "
+                           "CPU: set TRITON_INTERPRET=1 in the environment before starting vLLM")
 
 
 class AdaptiveCPUModelRunner(AdaptiveRunnerMixin, CPUModelRunner):
