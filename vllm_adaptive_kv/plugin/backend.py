@@ -6,14 +6,14 @@ each layer an ``AdaptiveAttentionMetadata`` that points at the worker's
 layers by the model runner). ``AdaptiveAttentionImpl.forward`` hands the layer's
 q / k / v to ``HeadCacheRuntime.attend``, which writes K/V into the slots
 allocated for the step and runs the attention path chosen at start-up (on CPU,
-vLLM's CPU kernel or the torch reference; the Triton path waits for a GPU backend,
-which is not built).
+vLLM's CPU kernel or the torch reference; on CUDA, the Triton kernels).
 
 vLLM's own KV-cache write (``do_kv_cache_update``, by block-table slot mapping)
 is switched off with ``forward_includes_kv_cache_update = True``: vLLM's block
 ids do not address our pages. ``AdaptiveBackendMixin`` holds the class-level
 declarations every device backend shares; ``plugin/cpu/backend.py`` puts it in
-front of vLLM's CPU backend (the only device backend so far).
+front of vLLM's CPU backend, ``plugin/gpu/backend.py`` in front of the bare
+``AttentionBackend``.
 """
 
 from __future__ import annotations
@@ -140,15 +140,35 @@ def pool_view(kv_caches: list[torch.Tensor]) -> torch.Tensor:
 
     Every layer's cache is a ``[B, H, bs, 2 * D]`` view of ONE allocation, laid
     out layer-major (LBHNC): page ``(l * B + b) * H + h`` is block b, head h of
-    layer l, K rows then V rows. All layers' pages form one pool.
+    layer l, K rows then V rows. All layers' pages form one pool. Each view is
+    checked against that (same buffer, same shape, contiguous, at its layer's
+    offset) and the buffer against the page count; a mismatch names what was found.
     """
     first = kv_caches[0]
+    if first.dim() != 4:
+        raise RuntimeError(f"vLLM's KV cache views are not [blocks, heads, block_size, 2 * head_dim]: layer 0 has "
+                           f"shape {tuple(first.shape)}")
     num_blocks, num_heads, block_size, two_d = first.shape
     storage = first.untyped_storage()
-    page_elems = block_size * two_d
-    num_pages = storage.nbytes() // (page_elems * first.element_size())
+    page_bytes = block_size * two_d * first.element_size()
+    layer_bytes = num_blocks * num_heads * page_bytes
+    for index, cache in enumerate(kv_caches):
+        if cache.untyped_storage().data_ptr() != storage.data_ptr():
+            raise RuntimeError(f"vLLM's KV buffer is not one allocation: layer {index}'s cache is in another buffer "
+                               f"than layer 0's")
+        if cache.shape != first.shape or cache.dtype != first.dtype:
+            raise RuntimeError(f"vLLM's KV cache views differ: layer {index} is {tuple(cache.shape)} {cache.dtype}, "
+                               f"layer 0 is {tuple(first.shape)} {first.dtype}")
+        if not cache.is_contiguous():
+            raise RuntimeError(f"vLLM's KV cache is not head-major (LBHNC): layer {index}'s view has strides "
+                               f"{cache.stride()} for shape {tuple(cache.shape)}, expected contiguous")
+        start = cache.storage_offset() * cache.element_size()
+        if start != index * layer_bytes:
+            raise RuntimeError(f"vLLM's KV buffer is not layer-major: layer {index}'s cache starts at byte {start}, "
+                               f"expected {index * layer_bytes} ({index} x {layer_bytes} bytes per layer)")
+    num_pages = storage.nbytes() // page_bytes
     expected = num_blocks * num_heads * len(kv_caches)
-    if num_pages != expected or any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in kv_caches):
+    if num_pages != expected:
         raise RuntimeError(f"vLLM's KV buffer is not one layer-major allocation: {num_pages} pages in "
                            f"storage, expected {expected} (layers x blocks x heads)")
     pages = torch.empty(0, dtype=first.dtype, device=first.device)

@@ -1,7 +1,8 @@
 """The model-runner hooks, device-neutral: drive ``HeadCacheRuntime`` once per step.
 
 Mixed in front of vLLM's V1 model runner (``plugin/cpu/worker.py`` puts it before
-``CPUModelRunner``). Per engine step, inside vLLM's ``execute_model``::
+``CPUModelRunner``, ``plugin/gpu/worker.py`` before ``GPUModelRunner``). Per engine
+step, inside vLLM's ``execute_model``::
 
     _update_states        finished / preempted / resumed requests -> runtime.release
     _build_attention_metadata
@@ -37,7 +38,7 @@ logger = init_logger("vllm.adaptive_kv")  # under vLLM's configured logger tree
 
 
 class AdaptiveRunnerMixin:
-    """Runner hooks; mixed in front of a vLLM V1 model runner (today only ``CPUModelRunner``)."""
+    """Runner hooks; mixed in front of a vLLM V1 model runner (``CPUModelRunner``, ``GPUModelRunner``)."""
 
     _adaptive_source: StepSource | None = None
     _adaptive_output = None  # the SchedulerOutput of the step being executed
@@ -46,11 +47,14 @@ class AdaptiveRunnerMixin:
 
     # --- set-up ------------------------------------------------------------------
 
-    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
-        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
-        if len(kv_cache_config.kv_cache_groups) != 1:
-            raise RuntimeError("vllm-adaptive-kv needs a single KV-cache group (one full-attention type)")
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
+        layer_names = check_buffer_layout(kv_cache_config)
+        if is_profiling:
+            # vLLM's throw-away cache for sizing CUDA graphs: no runtime (no tokenizer load,
+            # no pool view keeping the buffer alive); the builders stay unbound.
+            self._adaptive_source = None
+            return
         kv_caches = [self.compilation_config.static_forward_context[n].kv_cache for n in layer_names]
         self._adaptive_source = StepSource(self._build_runtime(kv_caches, len(layer_names)),
                                            {n: i for i, n in enumerate(layer_names)})
@@ -155,6 +159,42 @@ class AdaptiveRunnerMixin:
             if has_kv_transfer_group():
                 get_kv_transfer_group().set_step_report(report)
         return output
+
+
+def check_buffer_layout(kv_cache_config) -> list[str]:
+    """The layer names, after checking vLLM's KV buffer is laid out as ``pool_view`` reads it.
+
+    One KV-cache group, one ``KVCacheTensor`` holding every layer of it in order from
+    byte 0, layer-major with whole pages: ``block_stride`` = one page (a block of all
+    heads of one layer) and ``layer_stride`` = one page per block. Each failure is one
+    error naming what vLLM built.
+    """
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise RuntimeError(f"vllm-adaptive-kv needs a single KV-cache group (one full-attention type), "
+                           f"found {len(groups)}")
+    layer_names = list(groups[0].layer_names)
+    tensors = kv_cache_config.kv_cache_tensors
+    if len(tensors) != 1:
+        raise RuntimeError(f"vllm-adaptive-kv needs vLLM's KV cache in one KVCacheTensor for all layers, "
+                           f"found {len(tensors)}")
+    tensor = tensors[0]
+    if list(tensor.layers) != layer_names:
+        raise RuntimeError(f"vllm-adaptive-kv needs the KVCacheTensor to hold the group's layers in order: "
+                           f"tensor layers {list(tensor.layers)}, group layers {layer_names}")
+    page = groups[0].kv_cache_spec.page_size_bytes
+    num_blocks = kv_cache_config.num_blocks
+    expected = {"offset": 0, "block_stride": page, "layer_stride": page * num_blocks}
+    for field, value in expected.items():
+        found = getattr(tensor, field)
+        if found != value:
+            raise RuntimeError(f"vLLM's KV buffer is not layer-major whole pages: KVCacheTensor.{field}={found}, "
+                               f"expected {value} (page_size_bytes={page}, num_blocks={num_blocks})")
+    if tensor.size < page * num_blocks * len(layer_names):
+        raise RuntimeError(f"vLLM's KV buffer is too small: KVCacheTensor.size={tensor.size}, expected at least "
+                           f"{page * num_blocks * len(layer_names)} ({len(layer_names)} layers x {num_blocks} "
+                           f"blocks x {page} bytes)")
+    return layer_names
 
 
 def _load_tokenizer(model_config):
