@@ -8,8 +8,9 @@ so ``install_engine_arg_hooks`` wraps three ``EngineArgs`` methods at runtime:
   settings live from then on (it reaches the engine core and every worker);
 - ``create_engine_config``: when ``additional_config`` names a ``kv_policy``,
   validates it, switches on this package's worker, KV connector and request
-  validator, turns off what cannot work with eviction, and refuses models and
-  settings it cannot honour. Without ``kv_policy`` vLLM runs unchanged.
+  validator (on CUDA also its attention backend and PIECEWISE CUDA graphs), turns
+  off what cannot work with eviction, and refuses models and settings it cannot
+  honour. Without ``kv_policy`` vLLM runs unchanged.
 
 Precedence on the command line: ``--kv-policy`` > ``--additional-config`` keys >
 ``--kv-policy-config`` file. The stored form is ``KVPolicyConfig.to_dict()`` (every
@@ -19,6 +20,7 @@ key explicit) plus any keys of other plugins, untouched.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -39,8 +41,11 @@ CONNECTOR = {
 VALIDATOR = "vllm_adaptive_kv.plugin.validation:RequestPolicyValidator"
 WORKERS = {
     "cpu": "vllm_adaptive_kv.plugin.cpu.worker.AdaptiveCPUWorker",
-    "cuda": "vllm_adaptive_kv.plugin.gpu.worker.AdaptiveGPUWorker",  # not built yet: refused below
+    "cuda": "vllm_adaptive_kv.plugin.gpu.worker.AdaptiveGPUWorker",
 }
+# On CUDA the worker registers our backend under this AttentionBackendEnum member.
+GPU_ATTENTION_BACKEND = "CUSTOM"
+OWN_BACKEND_MARK = "_adaptive_kv_attention_backend"  # on EngineArgs: the backend value we set
 # Parallel modes whose KV layout or scheduling the plugin does not handle; TP is fine.
 SINGLE_ONLY_PARALLELISM = (
     "pipeline_parallel_size",
@@ -237,6 +242,12 @@ def prepare_engine_args(engine_args, name: str) -> None:
     engine_args.worker_cls = worker_class(engine_args.worker_cls, name)
     engine_args.logits_processors = with_validator(engine_args.logits_processors)
     use_v1_model_runner()
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        engine_args.attention_backend = GPU_ATTENTION_BACKEND
+        setattr(engine_args, OWN_BACKEND_MARK, GPU_ATTENTION_BACKEND)  # a second build accepts it
+        engine_args.compilation_config = piecewise_cudagraphs(engine_args, name)
 
 
 def refuse_unsupported_args(engine_args, name: str) -> None:
@@ -250,6 +261,7 @@ def refuse_unsupported_args(engine_args, name: str) -> None:
     if engine_args.kv_offloading_size is not None:
         raise refusal(f"kv_offloading_size={engine_args.kv_offloading_size}", name, "no --kv-offloading-size")
     check_kv_cache_dtype(engine_args.kv_cache_dtype, name)
+    check_attention_backend(engine_args, name)
 
 
 def refusal(what: str, name: str, allowed: str) -> KVPolicyError:
@@ -261,6 +273,56 @@ def check_kv_cache_dtype(cache_dtype: str, name: str) -> None:
     # The plugin's kernels read and compact KV in the model dtype; they do not dequantize.
     if cache_dtype != "auto":
         raise refusal(f"kv_cache_dtype={cache_dtype!r}", name, "kv_cache_dtype='auto'")
+
+
+def check_attention_backend(engine_args, name: str) -> None:
+    """Refuse a user-chosen attention backend on every platform: the plugin sets its own.
+
+    ``auto`` (no choice) passes, and so does the value an earlier build of the same
+    EngineArgs set on CUDA.
+    """
+    chosen = backend_label(engine_args.attention_backend)
+    own = getattr(engine_args, OWN_BACKEND_MARK, None)
+    if chosen is not None and str(chosen).lower() != "auto" and chosen != own:
+        raise refusal(f"attention_backend={chosen!r}", name,
+                      "no --attention-backend (vllm-adaptive-kv sets its own attention backend)")
+    config = engine_args.attention_config
+    for field in ("backend", "backend_per_kind"):
+        value = config.get(field) if isinstance(config, Mapping) else getattr(config, field, None)
+        if value:
+            shown = ({k: backend_label(v) for k, v in value.items()} if isinstance(value, Mapping)
+                     else backend_label(value))
+            raise refusal(f"attention_config.{field}={shown!r}", name,
+                          f"no attention_config.{field} (vllm-adaptive-kv sets its own attention backend)")
+
+
+def backend_label(value: Any) -> Any:
+    """An attention backend as the user wrote it: the CLI gives a string, the Python API may give the enum."""
+    return getattr(value, "name", value)
+
+
+def piecewise_cudagraphs(engine_args, name: str):
+    """The CompilationConfig with PIECEWISE CUDA graphs unless --enforce-eager (CUDA only).
+
+    Our metadata builder reports no CUDA-graph support, so attention runs eagerly
+    between the captured pieces; a FULL mode is refused (vLLM would fail later).
+    Setting PIECEWISE spares vLLM's downgrade warning.
+    """
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CUDAGraphMode
+
+    config = engine_args.compilation_config
+    if isinstance(config, Mapping):
+        config = CompilationConfig(**config)
+    mode = config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        raise refusal(f"cudagraph_mode={mode.name}", name,
+                      "cudagraph_mode PIECEWISE or NONE, or --enforce-eager (the adaptive attention runs "
+                      "eagerly between CUDA-graph pieces)")
+    if mode is None and not engine_args.enforce_eager:
+        config = copy.deepcopy(config)
+        config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    return config
 
 
 def checked_block_size(block_size: int | None, name: str) -> int:
@@ -310,11 +372,9 @@ def worker_class(worker_cls: str, name: str) -> str:
     from vllm.platforms import current_platform
 
     platform = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else None
-    if platform != "cpu":
-        # The CUDA worker/backend glue is not written yet (the Triton kernels are);
-        # refuse clearly instead of failing inside the engine.
+    if platform is None:
         device = getattr(current_platform, "device_name", "unknown")
-        raise refusal(f"platform {device!r}", name, "cpu (CUDA support is not built yet)")
+        raise refusal(f"platform {device!r}", name, "cpu or cuda")
     if worker_cls not in ("auto", WORKERS[platform]):
         raise refusal(f"worker_cls={worker_cls!r}", name, "worker_cls='auto' (vllm-adaptive-kv sets its own)")
     return WORKERS[platform]
@@ -329,9 +389,9 @@ def with_validator(logits_processors: list | None) -> list:
 
 
 def use_v1_model_runner() -> None:
-    # For the GPU worker to come (plugin/gpu/, not built): the runner mixin targets the V1
-    # model runner. Unreachable today, since worker_class refuses CUDA first. Engine
-    # processes inherit os.environ.
+    # The runner mixin targets vLLM's V1 model runner, and on CUDA vLLM picks V2 by
+    # default when Triton is present. Engine processes inherit os.environ; the GPU
+    # worker also refuses a V2 runner (HiSparse and watermarking force V2).
     from vllm.platforms import current_platform
 
     if current_platform.is_cuda():
