@@ -4,11 +4,13 @@ Without CUDA the Triton side runs in the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before the kernels are imported), so the cases are few and small
 but chosen to cover: head_dim 64/128, block size 16/32, GQA ratio 1/3/8, ragged lists
 with empty and single-slot heads, shuffled page tables, a pool whose element offsets
-exceed 2**31, decode and causal prefill, score accumulation, fp32/bf16/fp16.
+exceed 2**31, decode and causal prefill, score accumulation, fp32/bf16/fp16, and the
+attention kernel's schedules: per-list score masks, split-K and query tiles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -33,7 +35,12 @@ from vllm_adaptive_kv.triton_kernels import (
     write_kv,
 )
 from vllm_adaptive_kv.triton_kernels._triton import is_interpreted, use_triton
-from vllm_adaptive_kv.triton_kernels.paged_attention import _paged_attention_kernel
+from vllm_adaptive_kv.triton_kernels.paged_attention import (
+    MAX_SPLITS,
+    _paged_attention_kernel,
+    make_query_tiles,
+    split_count,
+)
 
 needs_triton = pytest.mark.skipif(
     not HAS_TRITON, reason="triton is not importable; only the torch references are tested"
@@ -203,8 +210,11 @@ def attention_setup(seed, head_dim, block_size, group, dtype, tokens_per_req, bi
 # --------------------------------------------------------------------------- float64 truth
 
 
-def dense_attention(pool: Pool, lists: HeadLists, queries: Queries, scale):
-    """Loop-per-(token, kv head) float64 attention: (out, score_delta dict, colsum, visible counts)."""
+def dense_attention(pool: Pool, lists: HeadLists, queries: Queries, scale, score_lists=None, weight=None):
+    """Loop-per-(token, kv head) float64 attention: (out, score_delta dict, colsum, visible counts).
+
+    The score delta counts only lists with ``score_lists[r, h]`` (if given), each token's
+    share times ``weight[t]`` (if given); colsum counts everything."""
     block_size = pool.kv_pages.shape[2]
     num_tokens, num_q_heads, head_dim = queries.q.shape
     num_heads = lists.head_lens.shape[1]
@@ -231,8 +241,11 @@ def dense_attention(pool: Pool, lists: HeadLists, queries: Queries, scale):
             probs = torch.softmax(logits, dim=-1)
             out[t, h * group : (h + 1) * group] = probs @ values
             colsum[r, h, : len(slots)] += probs.sum(0)
+            if score_lists is not None and not bool(score_lists[r, h]):
+                continue
+            share = 1.0 if weight is None else float(weight[t])
             for i, s in enumerate(slots):
-                score[s] = score.get(s, 0.0) + float(probs[:, i].sum())
+                score[s] = score.get(s, 0.0) + share * float(probs[:, i].sum())
     return out, score, colsum, visible_counts
 
 
@@ -649,7 +662,7 @@ import importlib, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-def compile_kernel(module, kernel, pointers, consts):
+def compile_kernel(module, kernel, pointers, consts, num_warps=4):
     fn = getattr(importlib.import_module("vllm_adaptive_kv.triton_kernels." + module), kernel)
     signature = {
         name: "constexpr" if name in consts else "*" + pointers[name] if name in pointers
@@ -657,16 +670,37 @@ def compile_kernel(module, kernel, pointers, consts):
         for name in fn.arg_names
     }
     constexprs = {(fn.arg_names.index(name),): value for name, value in consts.items()}
-    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
+
+from vllm_adaptive_kv.triton_kernels.paged_attention import REDUCE_ROWS, tile_warps
 
 attention_ptrs = dict(q_ptr="bf16", token_req_ptr="i32", q_pos_ptr="i32", table_ptr="i32",
                       head_lens_ptr="i32", kv_ptr="bf16", pos_ptr="i32")
-attention_consts = dict(GROUP=3, GROUP_PAD=16, BLOCK_SIZE=32, BLOCK_D=128, DOT_MODE="tf32")
-compile_kernel("paged_attention", "_paged_attention_kernel",
-               dict(attention_ptrs, out_ptr="bf16", score_ptr="fp32", weight_ptr="fp32"),
-               dict(attention_consts, ACCUMULATE_SCORE=True, WEIGHTED=True))
+attention_consts = dict(GROUP=3, BLOCK_SIZE=32, BLOCK_D=128, DOT_MODE="tf32")
+schedule_ptrs = dict(score_ptr="fp32", weight_ptr="fp32", mask_ptr="u8", tiles_ptr="i32", part_ptr="fp32")
+# Every variant the wrapper launches: one split (tiles of 16 tokens, or one token a program,
+# scoring fully masked and weighted or not at all), split-K (partials, reduce, score pass).
+for tiled, split, score in ((True, False, True), (False, False, True), (False, False, False),
+                            (True, True, False), (False, True, True)):
+    tile = dict(ROWS=64, BLOCK_M=16) if tiled else dict(ROWS=16, BLOCK_M=1)
+    consts = dict(attention_consts, **tile, TILED=tiled, WEIGHTED=score, SCORE_MASK=score)
+    warps = tile_warps(tile["ROWS"])
+    compile_kernel("paged_attention", "_paged_attention_kernel",
+                   dict(attention_ptrs, out_ptr="bf16", **schedule_ptrs),
+                   dict(consts, ACCUMULATE_SCORE=score, SPLIT=split), warps)
+    if split:
+        reduce_consts = {k: v for k, v in consts.items() if k not in ("DOT_MODE", "WEIGHTED", "SCORE_MASK")}
+        reduce_consts["ROWS"] = REDUCE_ROWS
+        compile_kernel("paged_attention", "_paged_attention_reduce_kernel",
+                       dict(token_req_ptr="i32", head_lens_ptr="i32", tiles_ptr="i32", part_ptr="fp32",
+                            stats_ptr="fp32", out_ptr="bf16"), dict(reduce_consts, KEEP_STATS=score))
+    if split and score:
+        score_ptrs = {k: v for k, v in schedule_ptrs.items() if k != "part_ptr"}
+        compile_kernel("paged_attention", "_paged_score_kernel", dict(attention_ptrs, stats_ptr="fp32", **score_ptrs),
+                       consts, warps)
 compile_kernel("window_stats", "_window_colsum_kernel", dict(attention_ptrs, out_ptr="fp32"),
-               attention_consts)
+               dict(attention_consts, GROUP_PAD=16))
 compile_kernel("write_kv", "_write_kv_kernel",
                dict(key_ptr="fp16", value_ptr="fp16", slot_mapping_ptr="i64", positions_ptr="i32",
                     flags_ptr="u8", kv_ptr="fp16", pos_ptr="i32", slot_flags_ptr="u8", score_ptr="fp32"),
@@ -749,3 +783,308 @@ def test_score_weight_needs_slot_score():
         paged_attention(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
                         pool.kv_pages, pool.slot_pos, 0.125,
                         score_weight=torch.ones(queries.q.shape[0], device=DEVICE))
+
+
+# --------------------------------------------------------------------------- schedules
+#
+# paged_attention's per-list score mask (score_lists), split-K (num_splits: partials,
+# reduce, score pass) and query tiles (query_tiles / tile_tokens): the same results as
+# the reference, which honours the mask and ignores the schedule.
+
+
+def grouped_queries(queries: Queries, num_reqs: int, gen) -> tuple[Queries, list[int]]:
+    """The runtime's token order: tokens grouped by request (requests in a random order),
+    a random 1..all of each request's tokens kept. -> (queries, tokens per request)."""
+    req = queries.token_req.cpu()
+    order, counts = [], []
+    for r in torch.randperm(num_reqs, generator=gen).tolist():
+        idx = (req == r).nonzero().flatten().tolist()
+        n = int(torch.randint(1, len(idx) + 1, (1,), generator=gen))
+        order += idx[:n]
+        counts.append(n)
+    order = torch.tensor(order, device=DEVICE)
+    return Queries(queries.q[order].contiguous(), queries.token_req[order].contiguous(),
+                   queries.q_pos[order].contiguous()), counts
+
+
+def random_score_lists(num_reqs: int, num_heads: int, gen, as_uint8: bool = False) -> torch.Tensor:
+    """[R, H] mask holding both values, a strided layer view of [R, L, H] like the runtime's."""
+    full = torch.rand(num_reqs, 2, num_heads, generator=gen) < 0.5
+    full[0, 1, 0], full[-1, 1, -1] = True, False
+    return full.to(torch.uint8 if as_uint8 else torch.bool).to(DEVICE)[:, 1]
+
+
+def random_weights(num_tokens: int, gen) -> torch.Tensor:
+    weight = torch.rand(num_tokens, generator=gen) + 0.25
+    weight[1::3] = 0.0  # rows outside an observation window
+    return weight.to(DEVICE)
+
+
+def list_slots(lists: HeadLists, block_size: int, score_lists: torch.Tensor, listed: bool) -> list[int]:
+    num_reqs, num_heads = lists.head_lens.shape
+    return [s for r in range(num_reqs) for h in range(num_heads) if bool(score_lists[r, h]) == listed
+            for s in lists.slots(r, h, block_size)]
+
+
+class ScheduleCase(NamedTuple):
+    case: AttentionCase
+    tile_tokens: int | None  # None: one token a program
+    num_splits: int
+    score: bool = True  # scores with a mask (uint8 when the seed is odd) and weights
+    uint8_mask: bool = False
+
+    @property
+    def name(self):
+        tiles = f"tiles{self.tile_tokens}" if self.tile_tokens else "per-token"
+        return (f"{self.case.name}-{tiles}-splits{self.num_splits}"
+                + ("-masked" + ("-u8" if self.uint8_mask else "") if self.score else "-noscore"))
+
+
+def random_schedule_cases(count: int, seed: int):
+    rng = random.Random(seed)
+    cases = []
+    for case in random_attention_cases(count, seed):
+        tile = rng.choice([None, 1, 2, 3]) if case.tokens_per_req > 1 else rng.choice([None, 1])
+        splits = rng.choice([1, 2, 3, 4]) if tile else rng.choice([2, 3, 4])
+        cases.append(ScheduleCase(case, tile, splits, uint8_mask=rng.random() < 0.5))
+    return cases
+
+
+SCHEDULE_CASES = [
+    ScheduleCase(AttentionCase(61, 64, 16, 8, torch.bfloat16, 1), None, 4),  # decode, split-K
+    ScheduleCase(AttentionCase(62, 128, 32, 3, torch.float32, 4, heads=3), 3, 1),  # tiles only
+    ScheduleCase(AttentionCase(63, 64, 16, 3, torch.float16, 3, big=True), 2, 3, uint8_mask=True),
+    ScheduleCase(AttentionCase(64, 64, 32, 1, torch.float32, 4), 4, 2, score=False),
+    ScheduleCase(AttentionCase(65, 64, 32, 8, torch.bfloat16, 3), 3, 3),  # 24 rows: 2 reduce blocks
+    *random_schedule_cases(6, seed=300),
+]
+SCHEDULE_PARAMS = [pytest.param(case, id=case.name) for case in SCHEDULE_CASES]
+
+
+@needs_triton
+@pytest.mark.parametrize("sched", SCHEDULE_PARAMS)
+def test_paged_attention_schedules_match_reference(sched: ScheduleCase):
+    """Split-K, query tiles and the score mask: outputs and scores equal the reference's;
+    the slots of masked-off lists keep their scores bit for bit (both impls)."""
+    case = sched.case
+    pool, lists, queries = case.setup()
+    gen = torch.Generator().manual_seed(case.seed + 1000)
+    num_reqs, num_heads = lists.head_lens.shape
+    queries, counts = grouped_queries(queries, num_reqs, gen)
+    score_lists = random_score_lists(num_reqs, num_heads, gen, sched.uint8_mask) if sched.score else None
+    weight = random_weights(queries.q.shape[0], gen) if sched.score else None
+    tiles = make_query_tiles(counts, sched.tile_tokens, device=DEVICE) if sched.tile_tokens else None
+    used, block_size = pool.used, case.block_size
+    start = pool.slot_score[used].clone()
+    results = {}
+    for impl in ("torch", "triton"):
+        pool.slot_score[used] = start
+        out = torch.full_like(queries.q, float("nan"))  # poison: every element must be written
+        schedule = dict(query_tiles=tiles, tile_tokens=sched.tile_tokens, num_splits=sched.num_splits)
+        paged_attention(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+                        pool.kv_pages, pool.slot_pos, case.head_dim**-0.5, out=out,
+                        slot_score=pool.slot_score if sched.score else None, score_weight=weight,
+                        score_lists=score_lists, impl=impl, **(schedule if impl == "triton" else {}))
+        results[impl] = out, pool.slot_score[used].clone()
+    assert not results["triton"][0].isnan().any()
+    tol = OUT_TOL[case.dtype]
+    torch.testing.assert_close(results["triton"][0].float(), results["torch"][0].float(), atol=tol, rtol=tol)
+    tol = SCORE_TOL[case.dtype]
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], atol=tol, rtol=tol)
+    if not sched.score:
+        assert same_bits(results["triton"][1], start)
+        return
+    slots = torch.tensor(list_slots(lists, block_size, score_lists, listed=False), dtype=torch.int64)
+    page, off = slots // block_size - used.start, slots % block_size
+    for impl, (_, score) in results.items():
+        assert same_bits(score.cpu()[page, off], start.cpu()[page, off]), impl
+    # Listed lists got the reference's scores (above); both added some or neither did.
+    assert same_bits(results["triton"][1], start) == same_bits(results["torch"][1], start)
+
+
+SCORE_MASK_CASES = [pytest.param(c, id=c.name) for c in (ATTENTION_CASES[1], ATTENTION_CASES[3],
+                                                         ATTENTION_CASES[4])]
+
+
+@pytest.mark.parametrize("case", SCORE_MASK_CASES)
+def test_score_lists_reference_matches_float64(case: AttentionCase):
+    pool, lists, queries = case.setup()
+    gen = torch.Generator().manual_seed(case.seed + 2000)
+    score_lists = random_score_lists(*lists.head_lens.shape, gen)
+    weight = random_weights(queries.q.shape[0], gen)
+    before = pool.slot_score[pool.used].clone()
+    scale = case.head_dim**-0.5
+    paged_attention_reference(queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens,
+                              pool.kv_pages, pool.slot_pos, scale, slot_score=pool.slot_score,
+                              score_weight=weight, score_lists=score_lists)
+    _, delta, _, _ = dense_attention(pool, lists, queries, scale, score_lists.cpu(), weight.cpu())
+    want = apply_score_delta(before, delta, pool.used, case.block_size)
+    tol = SCORE_TOL[case.dtype]
+    torch.testing.assert_close(pool.slot_score[pool.used].cpu().double(), want, atol=tol, rtol=tol)
+
+
+def test_make_query_tiles_cuts_each_request_into_runs():
+    assert make_query_tiles([5, 1, 0, 3], 2).tolist() == [[0, 2], [2, 2], [4, 1], [5, 1], [6, 2], [8, 1]]
+    assert make_query_tiles([2, 1], 4, starts=[3, 0]).tolist() == [[3, 2], [0, 1]]
+    tiles = make_query_tiles([], 4)
+    assert tiles.shape == (0, 2) and tiles.dtype == torch.int32
+    with pytest.raises(ValueError, match="tile_tokens=0"):
+        make_query_tiles([3], 0)
+    with pytest.raises(ValueError, match="starts has 1 entries"):
+        make_query_tiles([3, 2], 2, starts=[0])
+
+
+def test_split_count_follows_host_bounds():
+    """Splits come from the table width and the grid (never list lengths): long tables are
+    split into <= SPLIT_MAX_PAGES-page runs, small grids for occupancy, both capped."""
+    cpu = torch.device("cpu")  # one "SM": occupancy wants 4 programs
+    assert split_count(1, 15, 4, 128, cpu) == 1  # too short to split
+    assert split_count(1, 6250, 4, 128, cpu) == 25  # a 100k-slot list: 25 runs of 250 pages
+    assert split_count(512, 6250, 4, 128, cpu) == 25  # by length even when the grid is full
+    assert split_count(4096, 6250, 4, 128, cpu) == 15  # 15 x 8.5 MB of partials fit the 128 MiB cap
+    assert split_count(1, 1 << 20, 4, 128, cpu) == MAX_SPLITS
+    assert split_count(2, 64, 4, 128, cpu) == 2  # occupancy: 2 programs -> 2 splits each
+    assert split_count(1 << 20, 6250, 128, 128, cpu) == 1  # partials would exceed the workspace cap
+
+
+def test_schedule_arguments_raise_value_errors_naming_them():
+    pool, lists, queries = attention_setup(52, 64, 16, 2, torch.float32, 2)
+    att = (queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens, pool.kv_pages,
+           pool.slot_pos, 0.1)
+    num_reqs, num_heads = lists.head_lens.shape
+    mask = torch.ones(num_reqs, num_heads, dtype=torch.bool, device=DEVICE)
+    tiles = make_query_tiles([2] * num_reqs, 2, device=DEVICE)
+    score = dict(slot_score=pool.slot_score)
+    with pytest.raises(ValueError, match="score_lists was given without slot_score"):
+        paged_attention(*att, score_lists=mask)
+    with pytest.raises(ValueError, match=r"score_lists has shape \(3, 3\); expected \(3, 2\)"):
+        paged_attention(*att, **score, score_lists=torch.ones(num_reqs, num_heads + 1, dtype=torch.bool,
+                                                              device=DEVICE))
+    with pytest.raises(ValueError, match="score_lists has dtype torch.int32"):
+        paged_attention(*att, **score, score_lists=mask.int())
+    with pytest.raises(ValueError, match="query_tiles has dtype torch.int64"):
+        paged_attention(*att, query_tiles=tiles.long(), tile_tokens=2)
+    with pytest.raises(ValueError, match=r"query_tiles has shape \(3, 3\)"):
+        paged_attention(*att, query_tiles=torch.zeros(3, 3, dtype=torch.int32, device=DEVICE), tile_tokens=2)
+    with pytest.raises(ValueError, match="tile_tokens=None is not supported with query_tiles"):
+        paged_attention(*att, query_tiles=tiles)
+    with pytest.raises(ValueError, match="tile_tokens was given without query_tiles"):
+        paged_attention(*att, tile_tokens=2)
+    with pytest.raises(ValueError, match="tile_tokens=200 gives 400 query rows"):
+        paged_attention(*att, query_tiles=tiles, tile_tokens=200)
+    with pytest.raises(ValueError, match="num_splits=0"):
+        paged_attention(*att, num_splits=0)
+
+
+# --------------------------------------------------------------------------- no host reads
+
+# Tensor methods that read device values on the host (on CUDA: a synchronisation).
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+              "__array__", "unique", "unique_consecutive", "masked_select")
+
+
+@contextlib.contextmanager
+def forbid_host_reads():
+    """Make every host read of a tensor value (and boolean indexing) raise AssertionError.
+
+    On CUDA, torch's sync debug mode also turns any real synchronisation into an error."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    saved_fns = {name: getattr(torch, name) for name in ("nonzero", "unique", "unique_consecutive",
+                                                         "masked_select")}
+    getitem = torch.Tensor.__getitem__
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: {name}")
+        return method
+
+    def checked_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise AssertionError("host read of a tensor value: boolean indexing")
+        return getitem(self, index)
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, refuse(name))
+        for name in saved_fns:
+            setattr(torch, name, refuse(name))
+        torch.Tensor.__getitem__ = checked_getitem
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        yield
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+        for name, fn in saved_fns.items():
+            setattr(torch, name, fn)
+        torch.Tensor.__getitem__ = getitem
+
+
+class FakeLaunches:
+    """Stands in for kernels: records (kernel, grid, constexprs) instead of launching, so the
+    wrappers' host code runs alone."""
+
+    def __init__(self):
+        self.calls = []
+
+    def install(self, monkeypatch, module, *kernels):
+        monkeypatch.setattr(module, "use_triton", lambda *args, **kwargs: True)
+        for name in kernels:
+            monkeypatch.setattr(module, name, self._kernel(name))
+
+    def _kernel(self, name):
+        calls = self.calls
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda *args, **consts: calls.append((name, grid, consts))
+
+        return Kernel()
+
+
+ATTENTION_KERNELS = ("_paged_attention_kernel", "_paged_attention_reduce_kernel", "_paged_score_kernel")
+
+
+def test_forbid_host_reads_catches_reads():
+    t = torch.ones(3)
+    for read in (lambda: t.item(), lambda: t.tolist(), lambda: bool(t[0]), lambda: int(t[0]),
+                 lambda: t[t > 0], lambda: t.nonzero(), lambda: torch.unique(t), lambda: range(t[0].long())):
+        with pytest.raises(AssertionError, match="host read"):
+            with forbid_host_reads():
+                read()
+    assert t.tolist() == [1.0, 1.0, 1.0]  # restored
+
+
+def test_paged_attention_wrapper_reads_no_device_values(monkeypatch):
+    """The Triton path's host code (checks, split choice, workspace, launches) reads no
+    tensor value: every grid and bound comes from shapes and host arguments."""
+    pa = importlib.import_module("vllm_adaptive_kv.triton_kernels.paged_attention")
+    launches = FakeLaunches()
+    launches.install(monkeypatch, pa, *ATTENTION_KERNELS)
+    pool, lists, queries = AttentionCase(71, 64, 16, 3, torch.float16, 3).setup()
+    gen = torch.Generator().manual_seed(71)
+    num_reqs, num_heads = lists.head_lens.shape
+    queries, counts = grouped_queries(queries, num_reqs, gen)
+    mask = random_score_lists(num_reqs, num_heads, gen)
+    weight = random_weights(queries.q.shape[0], gen)
+    tiles = make_query_tiles(counts, 2, device=DEVICE)
+    args = (queries.q, queries.token_req, queries.q_pos, lists.page_table, lists.head_lens, pool.kv_pages,
+            pool.slot_pos, 0.125)
+    with forbid_host_reads():
+        paged_attention(*args, slot_score=pool.slot_score, score_weight=weight, score_lists=mask,
+                        query_tiles=tiles, tile_tokens=2, num_splits=3, impl="triton")
+        paged_attention(*args, slot_score=pool.slot_score, score_lists=mask, impl="triton")
+        paged_attention(*args, impl="triton", num_splits=2)
+    assert [name for name, _, _ in launches.calls] == [
+        *ATTENTION_KERNELS, "_paged_attention_kernel", "_paged_attention_kernel", "_paged_attention_reduce_kernel"]
+    for _, grid, _ in launches.calls:
+        assert all(type(n) is int for n in grid)
+    width = lists.page_table.shape[2]
+    per_split = -(-width // 3)  # three splits asked: runs of ceil(width / 3) pages
+    assert launches.calls[0][1] == (len(tiles), num_heads, -(-width // per_split)) and per_split < width
+    assert launches.calls[0][2]["TILED"] and launches.calls[0][2]["SPLIT"]
+    assert launches.calls[3][1] == (queries.q.shape[0], num_heads, 1)
+    assert launches.calls[3][2]["SCORE_MASK"] and not launches.calls[3][2]["SPLIT"]

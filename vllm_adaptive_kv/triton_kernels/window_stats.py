@@ -17,10 +17,11 @@ import torch
 from ._triton import check_shape, check_tensor, tl, triton, use_triton
 from .paged_attention import (
     LOG2E,
+    _block_keys,
     _block_prob_colsum,
-    _block_visibility,
-    _load_query_group,
+    _load_query_rows,
     _softmax_stats,
+    _visible,
     attention_launch_constants,
     check_attention_args,
     batch_lists,
@@ -49,28 +50,32 @@ def _window_colsum_kernel(
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     req = tl.load(token_req_ptr + tok).to(tl.int64)
-    query_pos = tl.load(q_pos_ptr + tok)
+    offs_g = tl.arange(0, GROUP_PAD)
+    group_mask = offs_g < GROUP  # rows >= GROUP pad the group up to tl.dot's minimum of 16
+    q_pos = tl.load(q_pos_ptr + tok + offs_g * 0)  # the token's position on every row
     num_keys = tl.load(head_lens_ptr + req * stride_lens_r + head * stride_lens_h)
     num_keys = tl.minimum(num_keys, max_pages * BLOCK_SIZE)  # never read past the table row
     table_row = table_ptr + req * stride_table_r + head * stride_table_h
-    q = _load_query_group(q_ptr, tok, head, stride_q_t, stride_q_h, head_dim, GROUP, GROUP_PAD, BLOCK_D)
+    q = _load_query_rows(q_ptr, tok + offs_g * 0, head * GROUP + offs_g, group_mask, stride_q_t, stride_q_h,
+                         head_dim, BLOCK_D)
 
-    m_safe, l_i = _softmax_stats(q, table_row, stride_table_page, kv_ptr, pos_ptr, num_keys, query_pos,
+    m_safe, l_i = _softmax_stats(q, q_pos, table_row, stride_table_page, kv_ptr, pos_ptr, num_keys,
                                  stride_kv_page, stride_kv_kind, stride_kv_slot, stride_pos_page,
                                  stride_pos_slot, head_dim, qk_scale, GROUP_PAD, BLOCK_SIZE, BLOCK_D,
                                  DOT_MODE)
     inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
-    group_mask = tl.arange(0, GROUP_PAD) < GROUP
     offs_n = tl.arange(0, BLOCK_SIZE)
     out_row = out_ptr + req * stride_out_r + head * stride_out_h
     for blk in range(0, tl.cdiv(num_keys, BLOCK_SIZE)):
-        page, visible = _block_visibility(table_row, stride_table_page, pos_ptr, stride_pos_page,
-                                          stride_pos_slot, blk, num_keys, query_pos, BLOCK_SIZE)
-        col = _block_prob_colsum(q, kv_ptr, page, visible, m_safe, inv_l, group_mask,
+        page, in_list, key_pos = _block_keys(table_row, stride_table_page, pos_ptr, stride_pos_page,
+                                             stride_pos_slot, blk, num_keys, BLOCK_SIZE)
+        visible = _visible(in_list, key_pos, q_pos)
+        col = _block_prob_colsum(q, kv_ptr, page, in_list, visible, m_safe, inv_l, group_mask,
                                  stride_kv_page, stride_kv_kind, stride_kv_slot, head_dim, qk_scale,
                                  BLOCK_SIZE, BLOCK_D, DOT_MODE)
         logical = (blk * BLOCK_SIZE + offs_n).to(tl.int64)
-        tl.atomic_add(out_row + logical * stride_out_slot, col, mask=visible, sem="relaxed")
+        seen = tl.max(tl.where(visible, 1, 0), 0) > 0  # slots the token sees
+        tl.atomic_add(out_row + logical * stride_out_slot, col, mask=seen, sem="relaxed")
 
 
 def window_attention_colsum(
