@@ -175,3 +175,66 @@ def test_per_request_config_and_row_reuse():
         rt.add("one-too-many", 3)
     rt.release(["x"])
     rt.add("again", 3)
+
+
+def list_scores(rt, row, layer, head):
+    """Scores of the slots of one list, in logical order."""
+    n = int(rt.cache.lens[row, layer, head])
+    pages = rt.cache.table[row, layer, head, : math.ceil(n / BS)].long()
+    return rt.pool.slot_score[pages].reshape(-1)[:n].clone()
+
+
+def test_score_lists_follow_each_requests_policy(path):
+    """The per-list score mask: every list of a scoring request during its prompt (profiling
+    reads all heads), fastgen's ``scores_needed`` lists after it, all lists for h2o, none
+    for full; masked-off lists gain no score while decoding."""
+    rt, model = make_runtime("fastgen", path=path, recovery_ratio=0.5), FakeModel(4)
+    rt.add("a", prompt_len=40)
+    rt.add("b", prompt_len=30, config=parse_policy_config({"kv_policy": "full"}))
+    rt.add("c", prompt_len=30, config=parse_policy_config({"kv_policy": "h2o", "budget_ratio": 0.5}))
+    a, b, c = (rt.rows[r] for r in "abc")
+    assert rt.score_lists[a].all() and not rt.score_lists[b].any() and rt.score_lists[c].all()
+    run_step(rt, model, ["a", "b", "c"], [20, 30, 30], [0, 0, 0], check=False)  # b, c: prompt ends
+    assert rt.score_lists[a].all() and rt.score_lists[c].all()  # a is still in its prompt
+    run_step(rt, model, ["a", "b", "c"], [20, 1, 1], [20, 30, 30], check=False)  # a: prompt ends
+    needed = FastGen().scores_needed(rt.choice[a])
+    assert torch.equal(rt.score_lists[a], needed) and torch.equal(rt.state[a].score_heads, needed.cpu())
+    # Decode: masked-off lists gain nothing. A mixed choice (rung 1 reads no scores, rung 2
+    # does) makes both kinds of list appear whatever the random profile chose.
+    mixed = torch.tensor([[1, 2], [2, 1]])
+    needed = FastGen().scores_needed(mixed)
+    rt.choice[a], rt.score_lists[a], rt.state[a].score_heads = mixed, needed, needed
+    before = {(layer, head): list_scores(rt, a, layer, head) for layer in range(L) for head in range(H)}
+    run_step(rt, model, ["a", "b", "c"], [1, 1, 1], [40, 31, 31], check=False)
+    for (layer, head), was in before.items():
+        now = list_scores(rt, a, layer, head)[: was.numel()]
+        assert torch.equal(now, was) != bool(needed[layer, head]), (layer, head)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_attend_reads_no_device_values(monkeypatch):
+    """runtime.attend on the Triton path (write_kv, then paged_attention with query tiles,
+    the layer's score mask and weights) reads no tensor value on the host: no sync."""
+    import importlib
+
+    from test_kernels import ATTENTION_KERNELS, FakeLaunches, forbid_host_reads
+
+    rt, model = make_runtime("fastgen", path="triton", recovery_ratio=0.5), FakeModel(5)
+    rt.add("a", prompt_len=40)
+    rt.add("b", prompt_len=5)
+    run_step(rt, model, ["a", "b"], [20, 5], [0, 0], check=False)  # real kernels; b profiled
+    launches = FakeLaunches()
+    launches.install(monkeypatch, importlib.import_module("vllm_adaptive_kv.triton_kernels.paged_attention"),
+                     *ATTENTION_KERNELS)
+    launches.install(monkeypatch, importlib.import_module("vllm_adaptive_kv.triton_kernels.write_kv"),
+                     "_write_kv_kernel")
+    q, k, v, pos = model.step_inputs(["a", "b"], [20, 1], [20, 5])
+    meta = rt.plan_step(["a", "b"], [20, 1], pos, torch.zeros(21, dtype=torch.int64))
+    assert meta.path.query_tiles is not None and meta.scoring.lists is rt.score_lists
+    with forbid_host_reads():
+        for layer in range(L):
+            rt.attend(layer, q[layer], k[layer], v[layer], torch.empty_like(q[layer]), meta, 0.25)
+    names = [name for name, _, _ in launches.calls]
+    assert names.count("_write_kv_kernel") == L and "_paged_attention_kernel" in names
+    main = next(consts for name, _, consts in launches.calls if name == "_paged_attention_kernel")
+    assert main["TILED"] and main["SCORE_MASK"] and main["WEIGHTED"] and main["ACCUMULATE_SCORE"]

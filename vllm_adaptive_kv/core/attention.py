@@ -15,18 +15,23 @@ picks the path once, at start-up, and the pool is laid out for it::
     (plugin/cpu/attention.py: vLLM's CPU kernel, which returns no probabilities)
 
 Every path gets the same ``StepMetadata`` (``core/step.py``); a path that needs
-extra per-step tensors builds them once per step in ``plan``.
+extra per-step tensors builds them once per step in ``plan``. The dense paths pass
+the runtime's per-list score mask (``StepScoring.lists``) so that only lists whose
+policy reads scores accumulate them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from ..triton_kernels.paged_attention import (
     add_slot_scores,
+    default_tile_tokens,
     list_probs,
+    make_query_tiles,
     paged_attention,
     paged_attention_reference,
 )
@@ -47,6 +52,7 @@ class AttentionPath:
     pool: KVPool
     cache: PagedHeadCache
     timer: StepTimer = StepTimer()  # disabled; the worker swaps in its own when timing is on
+    query_group: int = 1  # query heads per kv head (the runtime sets it when it binds the path)
 
     def bind(self, pool: KVPool, cache: PagedHeadCache) -> None:
         if pool.k_transposed != self.k_transposed:
@@ -83,21 +89,59 @@ class TorchAttention(AttentionPath):
                                   self.cache.lens[:, layer], pool.kv_pages, pool.slot_pos, scale, out=out,
                                   slot_score=pool.slot_score if scoring is not None else None,
                                   score_weight=scoring.weight if scoring is not None else None,
-                                  k_transposed=pool.k_transposed, decode_logits_in_pool_dtype=True)
+                                  k_transposed=pool.k_transposed, decode_logits_in_pool_dtype=True,
+                                  score_lists=layer_score_lists(scoring, layer))
+
+
+def layer_score_lists(scoring, layer: int) -> torch.Tensor | None:
+    """[max_reqs, H] view of the runtime's per-list score mask at ``layer`` (None: all lists)."""
+    if scoring is None or scoring.lists is None:
+        return None
+    return scoring.lists[:, layer]
+
+
+@dataclass
+class TritonPlan:
+    """Per-step schedule of the Triton kernels, from host-known counts only.
+
+    query_tiles  [NT, 2] int32 (first token, n) tiles of ``tile_tokens`` consecutive
+                 tokens of one request; None when every request has one token (decode:
+                 one program per token)
+    width        page-table columns any list of the step can use: the table view the
+                 kernel gets, so the split-K choice follows the step's longest list
+    """
+
+    query_tiles: torch.Tensor | None
+    tile_tokens: int | None
+    width: int
 
 
 class TritonAttention(AttentionPath):
-    """The Triton kernels (CUDA, or the interpreter on CPU tensors)."""
+    """The Triton kernels (CUDA, or the interpreter on CPU tensors).
+
+    ``plan`` cuts prefill chunks into query tiles on the host; ``attend`` reads no
+    device value (no host synchronisation): every bound it passes is host-known.
+    """
 
     name = "triton"
     kernel_impl = "triton"
 
+    def plan(self, meta: StepMetadata) -> TritonPlan:
+        requests = meta.requests
+        tiles = tile_tokens = None
+        if max(requests.num_tokens, default=0) > 1:
+            tile_tokens = default_tile_tokens(self.query_group)
+            tiles = make_query_tiles(requests.num_tokens, tile_tokens, requests.starts, device=self.cache.device)
+        return TritonPlan(tiles, tile_tokens, max(1, requests.width))
+
     def attend(self, layer, q, out, meta, scale) -> None:
-        pool, scoring, tokens = self.pool, meta.scoring, meta.tokens
-        paged_attention(q, tokens.token_row, tokens.positions, self.cache.table[:, layer],
+        pool, scoring, tokens, plan = self.pool, meta.scoring, meta.tokens, meta.path
+        paged_attention(q, tokens.token_row, tokens.positions, self.cache.table[:, layer, :, :plan.width],
                         self.cache.lens[:, layer], pool.kv_pages, pool.slot_pos, scale, out=out,
                         slot_score=pool.slot_score if scoring is not None else None,
-                        score_weight=scoring.weight if scoring is not None else None, impl="triton")
+                        score_weight=scoring.weight if scoring is not None else None, impl="triton",
+                        score_lists=layer_score_lists(scoring, layer), query_tiles=plan.query_tiles,
+                        tile_tokens=plan.tile_tokens)
 
 
 ATTENTION_PATHS = {"torch": TorchAttention, "triton": TritonAttention}

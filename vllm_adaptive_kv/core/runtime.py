@@ -20,8 +20,11 @@ Scores: a slot's score is the attention it received from the request's
 every later token (``StepScoring``). At the prompt's end these are exactly the
 window column sums FastGen profiling needs; afterwards they keep accumulating
 for the frequent / heavy-hitter components. Only requests whose policy declares
-``needs_scores`` accumulate; on paths that score list by list, a policy that
-chooses per head narrows its decode scoring to the lists ``scores_needed`` names.
+``needs_scores`` accumulate, and only in the lists of ``score_lists`` (a persistent
+[max_reqs, L, H] device mask): every list of such a request during its prompt (the
+profiler reads all heads), then, for a policy that chooses per head, only the
+lists ``scores_needed`` names. The dense paths pass its layer view to the kernels;
+the list-by-list path reads the same choice from ``RowState.score_heads``.
 
 Decode-time eviction is lazy: a request's lists are re-evicted every
 ``block_size`` tokens after its prompt, so a head may hold up to one page of
@@ -89,7 +92,11 @@ class HeadCacheRuntime:
                                     width, max_reqs, device=device)
         self.attention = attention
         attention.bind(pool, self.cache)
+        attention.query_group = query_group
         self.choice = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64, device=device)
+        # Lists whose observation rows add to the slot scores (StepScoring.lists); set per
+        # request by ``add`` and narrowed at the prompt's end; device-side, never read back.
+        self.score_lists = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.bool, device=device)
         self.token_flags = token_flags.to(device)
         self.default_settings = dict(default_settings)
         self.default_config = parse_policy_config(self.default_settings)
@@ -116,6 +123,8 @@ class HeadCacheRuntime:
         row = self._free_rows.pop()
         self.rows[req_id] = row
         self.state[row] = RowState(req_id, config or self.default_config, int(prompt_len))
+        # Every list scores through the prompt: profiling reads all heads' window sums.
+        self.score_lists[row] = self.state[row].needs_scores
         return row
 
     def release(self, req_ids) -> None:
@@ -176,7 +185,7 @@ class HeadCacheRuntime:
                               dtype=torch.int32, device=device)
         per_token = torch.repeat_interleave(window, torch.tensor(requests.num_tokens, device=device),
                                             output_size=tokens.positions.numel())
-        scoring = StepScoring(weight=(tokens.positions >= per_token).to(torch.float32))
+        scoring = StepScoring(weight=(tokens.positions >= per_token).to(torch.float32), lists=self.score_lists)
         if self.attention.scores_by_list:
             decode, decode_heads = [], []
             for row, start, n, st in zip(requests.rows, requests.starts, requests.num_tokens, states):
@@ -306,8 +315,10 @@ class HeadCacheRuntime:
         profile = FastGenProfiler(policy).profile_window(view, view.scores, window_rows.reshape(-1))
         choice, keep = profile.choice.view(shape), profile.keep
         self.choice[rows_t] = choice
-        for row, needed in zip(rows, policy.scores_needed(choice).cpu()):
-            self.state[row].score_heads = needed
+        needed = policy.scores_needed(choice)  # [R, L, H]
+        self.score_lists[rows_t] = needed  # the dense paths' mask, on the device
+        for row, heads in zip(rows, needed.cpu()):  # the list-by-list path's host copy
+            self.state[row].score_heads = heads
         self._record_choices(policy, rows, choice)
         return keep
 

@@ -67,6 +67,9 @@ class StepScoring:
     (prompt positions ``>= prompt_len - observation_window`` and every later token).
 
     weight        [T] fp32   1 for observation rows, 0 elsewhere (dense paths)
+    lists         [max_reqs, L, H] bool, the runtime's persistent per-list mask
+                  (``HeadCacheRuntime.score_lists``): only lists with True add their
+                  rows' attention (dense paths pass the ``[:, layer]`` view)
     decode_lists  per layer: (token [N], row [N], head [N]) int64 of one-token
                   requests whose list at that layer accumulates, or None. Filled
                   only for paths that score list by list (``scores_by_list``).
@@ -74,6 +77,7 @@ class StepScoring:
     """
 
     weight: torch.Tensor
+    lists: torch.Tensor | None = None
     decode_lists: list | None = None
     spans: list[tuple[int, int, int]] = field(default_factory=list)
 
