@@ -7,12 +7,15 @@ per layer, 32 times):
 
   decode    paged_attention, one query per request, ragged per-head lengths
             (kept fraction f: each list keeps about f of the context, spread
-            uniformly around f); also with score accumulation (FastGen's
-            `frequent` statistics). Baseline: torch SDPA on dense K/V holding the
+            uniformly around f), split-K as the wrapper picks it (also without
+            splits when it picks some); with score accumulation (FastGen's
+            `frequent` statistics) in every list, and in about half of the lists
+            (the per-list score mask). Baseline: torch SDPA on dense K/V holding the
             same number of tokens (every list at the mean kept length), query group
             folded so that one K/V head serves its 4 query heads.
   prefill   paged_attention over a prefill chunk at the end of an uncompressed
-            context. Baseline: SDPA with a lower-right causal mask (GQA).
+            context, in query tiles (each list read once per tile) and one token a
+            program. Baseline: SDPA with a lower-right causal mask (GQA).
   stats     window_attention_colsum: the profiler's attention column sums of the
             last 64 prompt queries. Baseline: dense softmax(QK^T) summed over the
             window (materialized, fp32).
@@ -34,7 +37,8 @@ run with a large device-to-device copy (bytes read + bytes written).
 
 ``--tiny`` sets TRITON_INTERPRET=1 (before the kernels are imported), uses tiny
 shapes on the CPU and times nothing: it checks that every code path of this script
-runs and that the kernels agree with their references.
+runs and that the kernels agree with their references (decode forces 3 splits there,
+since its tables are too short for the wrapper to split).
 """
 
 from __future__ import annotations
@@ -313,6 +317,7 @@ class KernelBench:
     def decode_one(self, batch, ctx, kept, shape) -> tuple[int, float]:
         torch = self.torch
         from vllm_adaptive_kv.triton_kernels import paged_attention, paged_attention_reference
+        from vllm_adaptive_kv.triton_kernels.paged_attention import split_count
 
         m, dev = self.m, self.device
         lens = self.head_lengths(batch, ctx, kept)
@@ -323,33 +328,64 @@ class KernelBench:
         q_pos = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
         scale = m.head_dim ** -0.5
         args = (q, token_req, q_pos, table, head_lens, kv, slot_pos, scale)
+        # --tiny tables are too short for the wrapper to split: force split-K there
+        forced = 3 if self.args.tiny else None
+        splits = forced or split_count(batch * m.kv_heads, table.shape[2], m.group, m.head_dim, dev)
+        attend = dict(num_splits=forced, impl="triton")
+        # FastGen-like: about half of the lists read scores while decoding
+        half = torch.rand(batch, m.kv_heads, generator=self.gen) < 0.5
+        half[0, 0], half[-1, -1] = True, False
+        half = half.to(dev)
 
         out = torch.full_like(q, float("nan"))
-        paged_attention(*args, out=out, impl="triton")
+        paged_attention(*args, out=out, **attend)
         self.sync()
         ref = paged_attention_reference(*args)
         err = self.rel_err(out, ref)
-        ok = self.check(f"decode {shape}", err, 1e-2 if self.esize == 2 else 1e-4)
-        score_ref = score.clone()
-        paged_attention(*args, out=out, slot_score=score, impl="triton")
-        paged_attention_reference(*args, slot_score=score_ref)
-        self.sync()
-        score_err = self.rel_err(score, score_ref)
-        ok &= self.check(f"decode+score {shape}", score_err, 5e-3)
+        tol = 1e-2 if self.esize == 2 else 1e-4
+        ok = self.check(f"decode {shape}", err, tol)
+        no_split_err = err
+        if splits > 1:
+            paged_attention(*args, out=out, num_splits=1, impl="triton")
+            no_split_err = self.rel_err(out, ref)
+            ok &= self.check(f"decode without splits {shape}", no_split_err, tol)
+        score_errs = []
+        for name, mask in (("decode+score", None), ("decode+score half the lists", half)):
+            start = score.clone()
+            score_ref = score.clone()
+            paged_attention(*args, out=out, slot_score=score, score_lists=mask, **attend)
+            paged_attention_reference(*args, slot_score=score_ref, score_lists=mask)
+            self.sync()
+            score_errs.append(self.rel_err(score - start, score_ref - start))
+            ok &= self.check(f"{name} {shape}", score_errs[-1], 5e-3)
+            del start, score_ref
         dense_err = self.decode_dense_check(q, kv, table, lens, out, scale)
-        ok &= self.check(f"decode dense baseline {shape}", dense_err, 1e-2 if self.esize == 2 else 1e-4)
-        del ref, score_ref
+        ok &= self.check(f"decode dense baseline {shape}", dense_err, tol)
+        del ref
 
         kv_tokens = int(lens.long().sum())
         held_slots = int(((lens.long() + m.block_size - 1) // m.block_size).sum()) * m.block_size
         qo = 2 * q.numel() * self.esize
         ours_bytes = held_slots * (2 * m.head_dim * self.esize + 4) + qo + 4 * held_slots // m.block_size
-        ms = self.timed(lambda: paged_attention(*args, out=out, impl="triton"))
-        self.add("decode", shape, "paged", ms, ours_bytes, kv_tokens, rel_err=err, ok=ok)
-        ms_score = self.timed(lambda: paged_attention(*args, out=out, slot_score=score, impl="triton"))
+        ms = self.timed(lambda: paged_attention(*args, out=out, **attend))
+        self.add("decode", shape, "paged", ms, ours_bytes, kv_tokens, rel_err=err, ok=ok, splits=splits,
+                 note=f"split-K: {splits} splits" + (" (forced)" if forced else "") if splits > 1 else "")
+        if splits > 1:
+            ms_one = self.timed(lambda: paged_attention(*args, out=out, num_splits=1, impl="triton"))
+            self.add("decode", shape, "paged-nosplit", ms_one, ours_bytes, kv_tokens, rel_err=no_split_err,
+                     ok=ok, splits=1)
+        ms_score = self.timed(lambda: paged_attention(*args, out=out, slot_score=score, **attend))
         # the score pass re-reads K and positions and adds into each slot's score
-        score_bytes = ours_bytes + held_slots * (m.head_dim * self.esize + 4 + 8)
-        self.add("decode", shape, "paged+score", ms_score, score_bytes, kv_tokens, rel_err=score_err, ok=ok)
+        per_slot = m.head_dim * self.esize + 4 + 8
+        score_bytes = ours_bytes + held_slots * per_slot
+        self.add("decode", shape, "paged+score", ms_score, score_bytes, kv_tokens, rel_err=score_errs[0], ok=ok,
+                 splits=splits)
+        ms_half = self.timed(lambda: paged_attention(*args, out=out, slot_score=score, score_lists=half, **attend))
+        pages = (lens.long() + m.block_size - 1) // m.block_size
+        half_slots = int(pages[half.cpu()].sum()) * m.block_size
+        self.add("decode", shape, "paged+score-half-lists", ms_half, ours_bytes + half_slots * per_slot,
+                 kv_tokens, rel_err=score_errs[1], ok=ok, splits=splits,
+                 note="score_lists: about half the lists score")
         return kv_tokens, dense_err
 
     def decode_dense_check(self, q, kv, table, lens, out, scale) -> float:
@@ -404,6 +440,7 @@ class KernelBench:
         """A chunk of ``chunk`` query tokens per request at the end of an uncompressed context."""
         torch = self.torch
         from vllm_adaptive_kv.triton_kernels import paged_attention, paged_attention_reference
+        from vllm_adaptive_kv.triton_kernels.paged_attention import default_tile_tokens, make_query_tiles
 
         m, dev = self.m, self.device
         lens = torch.full((batch, m.kv_heads), ctx, dtype=torch.int32)
@@ -415,11 +452,22 @@ class KernelBench:
         q_pos = (ctx - chunk + torch.arange(chunk, dtype=torch.int32, device=dev)).repeat(batch)
         scale = m.head_dim ** -0.5
         args = (q, token_req, q_pos, table, head_lens, kv, slot_pos, scale)
+        tile_tokens = min(default_tile_tokens(m.group), 2 if self.args.tiny else chunk)
+        tiled = dict(query_tiles=make_query_tiles([chunk] * batch, tile_tokens, device=dev),
+                     tile_tokens=tile_tokens, impl="triton")
         out = torch.full_like(q, float("nan"))
+        ref = paged_attention_reference(*args)
+        tol = 1e-2 if self.esize == 2 else 1e-4
         paged_attention(*args, out=out, impl="triton")
         self.sync()
-        err = self.rel_err(out, paged_attention_reference(*args))
-        ok = self.check(f"prefill {shape}", err, 1e-2 if self.esize == 2 else 1e-4)
+        token_err = self.rel_err(out, ref)
+        ok = self.check(f"prefill one token a program {shape}", token_err, tol)
+        out.fill_(float("nan"))
+        paged_attention(*args, out=out, **tiled)
+        self.sync()
+        err = self.rel_err(out, ref)
+        ok &= self.check(f"prefill {shape}", err, tol)
+        del ref
         # dense baseline over exactly these tokens: the lists gathered in logical order
         page = table.long()[..., torch.arange(ctx, device=dev) // m.block_size]
         off = torch.arange(ctx, device=dev) % m.block_size
@@ -432,9 +480,13 @@ class KernelBench:
         del dense
         kv_tokens = batch * m.kv_heads * ctx
         qo = 2 * q.numel() * self.esize
-        ms = self.timed(lambda: paged_attention(*args, out=out, impl="triton"))
-        self.add("prefill", shape, "paged", ms, kv_tokens * (2 * m.head_dim * self.esize + 4) + qo, kv_tokens,
-                 rel_err=err, ok=ok)
+        paged_bytes = kv_tokens * (2 * m.head_dim * self.esize + 4) + qo
+        ms = self.timed(lambda: paged_attention(*args, out=out, **tiled))
+        self.add("prefill", shape, "paged", ms, paged_bytes, kv_tokens, rel_err=err, ok=ok, tile_tokens=tile_tokens,
+                 note=f"query tiles of {tile_tokens} tokens")
+        ms_token = self.timed(lambda: paged_attention(*args, out=out, impl="triton"))
+        self.add("prefill", shape, "paged-per-token", ms_token, paged_bytes, kv_tokens, rel_err=token_err, ok=ok,
+                 note="one query token a program: each list re-read per token")
         ms_dense = self.timed(dense_fn)
         self.add("prefill", shape, variant, ms_dense, kv_tokens * 2 * m.head_dim * self.esize + qo, kv_tokens,
                  rel_err=dense_err)
