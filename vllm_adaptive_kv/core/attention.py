@@ -52,14 +52,15 @@ class AttentionPath:
     pool: KVPool
     cache: PagedHeadCache
     timer: StepTimer = StepTimer()  # disabled; the worker swaps in its own when timing is on
-    query_group: int = 1  # query heads per kv head (the runtime sets it when it binds the path)
+    query_group: int = 1  # query heads per kv head
 
-    def bind(self, pool: KVPool, cache: PagedHeadCache) -> None:
+    def bind(self, pool: KVPool, cache: PagedHeadCache, query_group: int = 1) -> None:
+        """Once, by the runtime: the pool and page tables this path reads."""
         if pool.k_transposed != self.k_transposed:
             raise ValueError(f"attention path {self.name!r} reads K stored "
                              f"{'[D, bs]' if self.k_transposed else '[bs, D]'}: build the pool with "
                              f"k_transposed={self.k_transposed}")
-        self.pool, self.cache = pool, cache
+        self.pool, self.cache, self.query_group = pool, cache, query_group
 
     def plan(self, meta: StepMetadata) -> Any:
         """Per-step tensors of this path (None: it needs none)."""

@@ -91,8 +91,7 @@ class HeadCacheRuntime:
         self.cache = PagedHeadCache(pool.num_pages, pool.block_size, num_layers, num_kv_heads,
                                     width, max_reqs, device=device)
         self.attention = attention
-        attention.bind(pool, self.cache)
-        attention.query_group = query_group
+        attention.bind(pool, self.cache, query_group)
         self.choice = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64, device=device)
         # Lists whose observation rows add to the slot scores (StepScoring.lists); set per
         # request by ``add`` and narrowed at the prompt's end; device-side, never read back.

@@ -52,7 +52,7 @@ class VllmCpuPagedAttention:
         from vllm import _custom_ops as ops
 
         self._ops = ops
-        self.group = num_q_per_kv
+        self.query_group = num_q_per_kv
         self.head_dim = head_dim
         self.dtype = dtype
 
@@ -62,7 +62,7 @@ class VllmCpuPagedAttention:
         """Shapes in the module docstring; query_start_loc / seq_lens / block_table int32."""
         ops = self._ops
         metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=seq_lens.numel(), num_heads=self.group, num_kv_heads=1, head_dim=self.head_dim,
+            num_reqs=seq_lens.numel(), num_heads=self.query_group, num_kv_heads=1, head_dim=self.head_dim,
             seq_lens=seq_lens, dtype=self.dtype, query_start_loc=query_start_loc, causal=True,
             sliding_window_size=-1, isa=ISA, enable_kv_split=False)
         ops.cpu_attention_with_kv_cache(
@@ -95,10 +95,12 @@ class NativeCpuAttention(AttentionPath):
 
     def __init__(self, query_group: int, head_dim: int, dtype: torch.dtype) -> None:
         self.kernel = VllmCpuPagedAttention(query_group, head_dim, dtype)
-        self.group = query_group
+        self.query_group = query_group
 
-    def bind(self, pool, cache) -> None:
-        super().bind(pool, cache)
+    def bind(self, pool, cache, query_group: int = 1) -> None:
+        if query_group != self.query_group:
+            raise ValueError(f"query_group={query_group} does not match the kernel's {self.query_group}")
+        super().bind(pool, cache, query_group)
         # [P, 1, bs, D] views of the K / V blocks: one KV head per (list) sequence
         self._keys = pool.kv_pages[:, 0].unsqueeze(1)
         self._values = pool.kv_pages[:, 1].unsqueeze(1)
@@ -120,15 +122,15 @@ class NativeCpuAttention(AttentionPath):
         """
         num_tokens, _, head_dim = q.shape
         heads = self.cache.lens.shape[2]
-        query = q.view(num_tokens, heads, self.group, head_dim).transpose(0, 1).reshape(-1, self.group, head_dim)
+        query = q.view(num_tokens, heads, self.query_group, head_dim).transpose(0, 1).reshape(-1, self.query_group, head_dim)
         result = torch.empty_like(query)
         rows = meta.requests.rows_t
         seq_lens = self.cache.lens[rows, layer].t().reshape(-1)  # [H*R] int32
         table = self.cache.table[rows, layer, :, :max(meta.requests.width, 1)].transpose(0, 1).reshape(
             heads * rows.numel(), -1)
         self.kernel(query, self._keys, self._values, result, meta.path.seq_start, seq_lens, table, scale)
-        out.view(num_tokens, heads, self.group, head_dim).copy_(
-            result.view(heads, num_tokens, self.group, head_dim).transpose(0, 1))
+        out.view(num_tokens, heads, self.query_group, head_dim).copy_(
+            result.view(heads, num_tokens, self.query_group, head_dim).transpose(0, 1))
         if meta.scoring is not None:
             with self.timer.part("score_s"):
                 score_lists(self.pool, self.cache, layer, q, meta, scale)
