@@ -25,20 +25,6 @@ import sys
 import time
 
 
-def adaptive_metrics() -> dict:
-    from prometheus_client import REGISTRY
-
-    values = {}
-    for family in REGISTRY.collect():
-        if family.name.startswith("vllm_adaptive_kv:"):
-            for sample in family.samples:
-                if sample.name.endswith("_created"):
-                    continue
-                key = sample.name + "".join(f"[{v}]" for k, v in sorted(sample.labels.items()) if k in ("policy", "le"))
-                values[key] = values.get(key, 0) + sample.value
-    return values
-
-
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -49,6 +35,7 @@ def main(argv: list[str]) -> int:
 
     from vllm import LLM, SamplingParams
 
+    from vllm_adaptive_kv.apps.common import registry_metrics
     from vllm_adaptive_kv.model import prepare_model
     from vllm_adaptive_kv.apps.prompts import CHAT_QUESTIONS, chat_text, passkey_prompt
 
@@ -84,7 +71,7 @@ def main(argv: list[str]) -> int:
     if mode != "vanilla":
         res["state"] = llm.collective_rpc("adaptive_kv_state")
         res["head_policies_per_rank"] = [dict(list(p.items())[-2:]) for p in llm.collective_rpc("adaptive_kv_head_policies")]
-        res["metrics"] = adaptive_metrics()
+        res["metrics"] = registry_metrics(by_labels=("policy", "le"))
     text = json.dumps(res, indent=1)
     print(text)
     if out_path:

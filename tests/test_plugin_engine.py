@@ -24,6 +24,8 @@ import gc
 
 import pytest
 
+from vllm_adaptive_kv.apps.common import metrics_delta, registry_metrics
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 KV_BUDGET = 100 << 20  # float32: ~2,270 tokens, one long prompt at a time
@@ -48,20 +50,6 @@ def workload(tokenizer):
     return passkeys, texts, params
 
 
-def adaptive_metrics():
-    """Our metrics from this process's Prometheus registry (the offline frontend)."""
-    from prometheus_client import REGISTRY
-
-    values = {}
-    for family in REGISTRY.collect():
-        if family.name.startswith("vllm_adaptive_kv:"):
-            for sample in family.samples:
-                key = sample.name + "".join(f"[{v}]" for k, v in sorted(sample.labels.items())
-                                            if k == "policy")
-                values[key] = values.get(key, 0) + sample.value
-    return values
-
-
 def run_engine(model_dir, policy):
     from vllm import LLM
     from vllm.v1.metrics.reader import Counter
@@ -75,9 +63,9 @@ def run_engine(model_dir, policy):
               disable_log_stats=False, **extra)
     try:
         passkeys, texts, params = workload(llm.get_tokenizer())
-        before = adaptive_metrics()
+        before = registry_metrics(by_labels=("policy",))  # ours, from the offline frontend's registry
         outs = llm.generate(texts, params, use_tqdm=False)
-        after = adaptive_metrics()
+        after = registry_metrics(by_labels=("policy",))
         answers = [o.outputs[0] for o in outs]
         metrics = {m.name: m.value for m in llm.get_metrics() if isinstance(m, Counter)}
         state = llm.collective_rpc("adaptive_kv_state") if policy is not None else None
@@ -85,7 +73,7 @@ def run_engine(model_dir, policy):
             "tokens": [list(a.token_ids) for a in answers],
             "accuracy": sum(p.is_correct(a.text) for p, a in zip(passkeys, answers[NUM_CHATS:])) / len(passkeys),
             "preemptions": metrics.get("vllm:num_preemptions", 0),
-            "metrics": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+            "metrics": metrics_delta(before, after),
             "state": state,
         }
     finally:

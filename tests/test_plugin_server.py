@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from vllm_adaptive_kv.apps.common import free_port, parse_metrics
+from vllm_adaptive_kv.apps.common import http_get as get
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 METRICS = ("vllm_adaptive_kv:kept_fraction", "vllm_adaptive_kv:evicted_tokens_total",
            "vllm_adaptive_kv:head_policy_total", "vllm_adaptive_kv:pages_free")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.read().decode()
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +109,9 @@ def test_bad_per_request_value_is_a_400_and_the_server_survives(client):
 
 
 def metric_value(text: str, name: str) -> float:
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-    assert values, f"{name} is not on /metrics"
-    return sum(values)
+    values = parse_metrics(text)
+    assert name in values, f"{name} is not on /metrics"
+    return values[name]
 
 
 def test_metrics_are_exposed_and_pages_come_back(server, client):

@@ -26,6 +26,7 @@ import os
 import pytest
 
 from vllm_adaptive_kv import model as M
+from vllm_adaptive_kv.apps.common import metrics_delta, registry_metrics
 
 QWEN = "qwen2.5-coder-0.5b"
 TP = 2
@@ -86,18 +87,7 @@ def _omp_bind_lists(ranks: int) -> str:
 
 
 def _adaptive_metrics():
-    from prometheus_client import REGISTRY
-
-    values = {}
-    for family in REGISTRY.collect():
-        if family.name.startswith("vllm_adaptive_kv:"):
-            for sample in family.samples:
-                if sample.name.endswith("_created"):
-                    continue
-                key = sample.name + "".join(f"[{v}]" for k, v in sorted(sample.labels.items())
-                                            if k in ("policy", "le"))
-                values[key] = values.get(key, 0) + sample.value
-    return values
+    return registry_metrics(by_labels=("policy", "le"))
 
 
 def _workload(tokenizer):
@@ -136,7 +126,7 @@ def _run(model_dir, policy):
             run["fastgen"] = {
                 "texts": [o.outputs[0].text for o in fg_outs],
                 "passkey": [p.is_correct(o.outputs[0].text) for p, o in zip(passkeys, fg_outs)],
-                "metrics": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+                "metrics": metrics_delta(before, after),
             }
             run["state"] = llm.collective_rpc("adaptive_kv_state")
             run["head_policies"] = llm.collective_rpc("adaptive_kv_head_policies")

@@ -17,6 +17,8 @@ import gc
 import os
 import time
 
+from .common import metrics_delta, registry_metrics, token_counter
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-adaptive-kv demo", description=__doc__.splitlines()[0])
@@ -26,17 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mib", type=int, default=256, help="KV budget in MiB (default 256)")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     return p
-
-
-def _metrics() -> dict:
-    from prometheus_client import REGISTRY
-
-    values: dict = {}
-    for family in REGISTRY.collect():
-        if family.name.startswith("vllm_adaptive_kv:"):
-            for sample in family.samples:
-                values[sample.name] = values.get(sample.name, 0) + sample.value
-    return values
 
 
 def run_policy(model_dir: str, policy: str, args) -> dict:
@@ -51,12 +42,12 @@ def run_policy(model_dir: str, policy: str, args) -> dict:
         tok = llm.get_tokenizer()
         passkeys = [passkey_prompt(40 + (i * 7) % 25, depth=(i % 5) / 4, seed=900 + i) for i in range(args.passkeys)]
         texts = [chat_text(tok, p.text) for p in passkeys] + [chat_text(tok, q) for q in CHAT_QUESTIONS]
-        prompt_tokens = sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
-        before = _metrics()
+        prompt_tokens = sum(map(token_counter(tok), texts))
+        before = registry_metrics()
         start = time.perf_counter()
         outs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)
         elapsed = time.perf_counter() - start
-        delta = {k: v - before.get(k, 0) for k, v in _metrics().items()}
+        delta = metrics_delta(before, registry_metrics())
         (state,) = llm.collective_rpc("adaptive_kv_state")
         config = llm.llm_engine.vllm_config
         lists = config.model_config.get_num_layers(config.parallel_config) * config.model_config.get_num_kv_heads(

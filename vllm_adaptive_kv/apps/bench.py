@@ -25,19 +25,18 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .common import free_port, git_commit, http_get, machine_info, parse_metrics, token_counter
 
 SCHEMA = "vllm-adaptive-kv-bench/1"
 VANILLA = "vanilla"
@@ -298,23 +297,7 @@ def add_ratios(rows: list[dict], baseline: str = VANILLA) -> None:
 
 
 # --------------------------------------------------------------------------- /metrics (pure)
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {sample name: value summed over label sets}; comments skipped."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match or line.startswith("#"):
-            continue
-        try:
-            value = float(match.group(3))
-        except ValueError:
-            continue
-        values[match.group(1)] = values.get(match.group(1), 0.0) + value
-    return values
+# parse_metrics: .common
 
 
 def metric_delta(after: dict, before: dict, name: str) -> float | None:
@@ -400,12 +383,6 @@ def format_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(config: str, args, model_dir: str, port: int) -> list[str]:
     """The ``vllm serve`` command line of one configuration."""
     cmd = [args.vllm, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
@@ -441,11 +418,6 @@ def log_tail(log_path: Path, chars: int = 3000) -> str:
         return log_path.read_text(errors="replace")[-chars:]
     except OSError:
         return ""
-
-
-def http_get(url: str, timeout: float = 10.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode()
 
 
 def wait_healthy(base: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
@@ -643,29 +615,6 @@ def run_config(config: str, args, model_dir: str, workload: list[BenchRequest], 
 # --------------------------------------------------------------------------- main
 
 
-def git_commit() -> dict:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit or None, "dirty": dirty}
-
-
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    for module in ("torch", "vllm"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001
-            info[module] = None
-    return info
-
-
 def tokenizer_fns(model_dir: str):
     """(render, count) for build_workload, from the model's own tokenizer."""
     from transformers import AutoTokenizer
@@ -673,8 +622,7 @@ def tokenizer_fns(model_dir: str):
     from .prompts import chat_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    return (lambda message: chat_text(tok, message),
-            lambda text: len(tok(text, add_special_tokens=False).input_ids))
+    return (lambda message: chat_text(tok, message), token_counter(tok))
 
 
 def write_json(path: str | None, doc: dict) -> None:

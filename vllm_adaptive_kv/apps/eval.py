@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.policies import FASTGEN_LADDER
+from .common import metrics_delta, registry_metrics, token_counter
 
 TASKS = ("passkey", "needle", "chat")
 BASELINES = ("streamingllm", "h2o", "snapkv")
@@ -253,10 +254,6 @@ def choose_recovery_ratio(settings: list[dict], max_loss: float, tasks: tuple[st
 # --- prompts ---------------------------------------------------------------------------
 
 
-def token_counter(tokenizer) -> Callable[[str], int]:
-    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
 def passkey_fillers(tokenizer, target_tokens: int) -> int:
     """Filler sentences that make a rendered passkey prompt about ``target_tokens`` long."""
     from .prompts import chat_text, passkey_prompt
@@ -368,20 +365,12 @@ def build_suite(tokenizer, size: SuiteSize, tasks: tuple[str, ...]) -> dict[str,
 def plugin_metrics() -> dict[str, float]:
     """The plugin's Prometheus samples in this process (the offline frontend), summed
     over label sets except the head policy name."""
-    from prometheus_client import REGISTRY
-
-    values: dict[str, float] = {}
-    for family in REGISTRY.collect():
-        if not family.name.startswith("vllm_adaptive_kv:"):
-            continue
-        for sample in family.samples:
-            key = sample.name + (f"[{sample.labels['policy']}]" if "policy" in sample.labels else "")
-            values[key] = values.get(key, 0.0) + sample.value
-    return values
+    return registry_metrics(by_labels=("policy",))
 
 
 def metric_delta(before: dict, after: dict) -> dict:
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+    """What changed between two :func:`plugin_metrics` readings (unchanged keys dropped)."""
+    return {k: v for k, v in metrics_delta(before, after).items() if v}
 
 
 def kept_fraction_of(delta: dict, requests: int) -> float:

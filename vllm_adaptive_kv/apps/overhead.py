@@ -182,7 +182,8 @@ def main(argv=None) -> int:
 
 
 def _run(args, policies: list[str]) -> int:
-    from .bench import build_workload, git_commit, machine_info, tokenizer_fns
+    from .bench import build_workload, tokenizer_fns
+    from .common import git_commit, machine_info
     from ..model import prepare_model
 
     model_dir = args.model or str(prepare_model("smollm2"))
