@@ -12,6 +12,9 @@ texts, token ids, passkey hits, timings and, with the plugin, the pool state of 
 rank (``collective_rpc("adaptive_kv_state")``), the last two requests' per-rank head
 policies and the plugin's Prometheus counters.
 
+The model must be prepared first (this script installs nothing):
+``vllm-adaptive-kv model prepare qwen2.5-coder-0.5b``.
+
 On a one-NUMA-node CPU machine TP=2 needs one CPU list per rank, e.g.
 ``VLLM_CPU_OMP_THREADS_BIND='0|1' python scripts/tp_probe.py full 2`` (see
 docs/integration.md, "Tensor parallelism and the second model").

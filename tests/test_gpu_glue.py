@@ -424,7 +424,7 @@ def test_runtime_bytes_counts_every_tensor_the_runtime_allocates(num_pages):
 
 def budget_parts(available, slot=2 * D * 2, **shape):
     shape = {**SHAPE, **shape}
-    budget = kv_budget(available, slot, **shape)
+    budget = kv_budget(available, slot, **shape, step_workspace=0)
     block = shape["num_layers"] * shape["num_kv_heads"] * shape["block_size"] * slot
     return budget, block, shape
 
@@ -464,23 +464,39 @@ def test_kv_budget_is_what_vllm_turns_into_blocks():
 def test_kv_budget_grows_with_the_available_bytes():
     previous = 0
     for available in range(40 << 20, 48 << 20, 99991):
-        budget = kv_budget(available, 32, **SHAPE)
+        budget = kv_budget(available, 32, **SHAPE, step_workspace=0)
         assert budget >= previous
         previous = budget
-    assert previous > kv_budget(40 << 20, 32, **SHAPE)
-    assert kv_budget(64 << 20, 32, **SHAPE) >= kv_budget(64 << 20, 32, **{**SHAPE, "max_num_seqs": 64})
+    assert previous > kv_budget(40 << 20, 32, **SHAPE, step_workspace=0)
+    assert (kv_budget(64 << 20, 32, **SHAPE, step_workspace=0)
+            >= kv_budget(64 << 20, 32, **{**SHAPE, "max_num_seqs": 64}, step_workspace=0))
+
+
+def test_kv_budget_keeps_room_for_the_split_k_workspace():
+    """The default budget leaves paged_attention's split-K workspace cap free."""
+    from vllm_adaptive_kv.triton_kernels.paged_attention import SPLIT_WORKSPACE_BYTES
+
+    available = 1 << 31
+    without = kv_budget(available, 32, **SHAPE, step_workspace=0)
+    with_room = kv_budget(available, 32, **SHAPE)
+    block = L * H * BS * 32
+    assert without - with_room >= SPLIT_WORKSPACE_BYTES * block // (block + L * H * metadata_bytes_per_page(BS)) - block
+    assert with_room + SPLIT_WORKSPACE_BYTES + runtime_bytes(with_room // block * L * H, **SHAPE) <= available
+    with pytest.raises(ValueError, match="step_workspace=-1 is invalid"):
+        kv_budget(available, 32, **SHAPE, step_workspace=-1)
 
 
 def test_kv_budget_refuses_when_not_even_one_block_fits():
     fixed = runtime_bytes(0, **SHAPE)
     one_block = L * H * (BS * 32 + metadata_bytes_per_page(BS))
-    assert kv_budget(fixed + one_block, 32, **SHAPE) == L * H * BS * 32
+    assert kv_budget(fixed + one_block, 32, **SHAPE, step_workspace=0) == L * H * BS * 32
     for available in (fixed + one_block - 1, fixed, 0, -5):
         with pytest.raises(KVBudgetError, match=rf"{available} bytes available for the KV cache cannot hold "
-                                                rf"the runtime's tables \({fixed} bytes for max_num_seqs=4, "
+                                                rf"the runtime's tables and step workspace \({fixed} bytes for "
+                                                rf"max_num_seqs=4, "
                                                 rf"max_model_len=100\) plus one KV block \({one_block} bytes.*"
                                                 r"raise gpu_memory_utilization"):
-            kv_budget(available, 32, **SHAPE)
+            kv_budget(available, 32, **SHAPE, step_workspace=0)
 
 
 @pytest.mark.parametrize("name, value", [("block_size", 0), ("num_layers", -1), ("kv_bytes_per_slot", 2.5),

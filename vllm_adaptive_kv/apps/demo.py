@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     from ..model import prepare_model
 
-    path = prepare_model(args.model)
+    path = prepare_model(args.model, install=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32).eval()
     cfg = model.config

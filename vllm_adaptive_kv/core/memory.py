@@ -14,12 +14,16 @@ outside that budget (``HeadCacheRuntime``, ``PagedHeadCache``, ``KVPool``)::
 
 (R = max_num_seqs, L layers, H kv heads of this rank.) ``kv_budget`` gives the largest
 whole number of vLLM blocks whose buffer plus all of the above fits in the available
-bytes, so ``gpu_memory_utilization`` still holds. Not counted: per-step temporaries
-(step plans, compaction moves), which come and go like activations.
+bytes, so ``gpu_memory_utilization`` still holds. It also keeps room for the largest
+per-step temporary, the split-K workspace of ``paged_attention`` (capped at
+``SPLIT_WORKSPACE_BYTES``): vLLM's memory profile cannot see it, because attention
+does nothing in the profiling run. Smaller temporaries (step plans, compaction
+moves) come and go like activations and are not counted.
 """
 
 from __future__ import annotations
 
+from ..triton_kernels.paged_attention import SPLIT_WORKSPACE_BYTES
 from .layout import KVPool
 
 INT32, INT64, UINT8, BOOL = 4, 8, 1, 1
@@ -68,12 +72,15 @@ def runtime_bytes(num_pages: int, block_size: int, num_layers: int, num_kv_heads
 
 
 def kv_budget(available: int, kv_bytes_per_slot: int, block_size: int, num_layers: int, num_kv_heads: int,
-              max_num_seqs: int, max_model_len: int, vocab_size: int = 0) -> int:
+              max_num_seqs: int, max_model_len: int, vocab_size: int = 0,
+              step_workspace: int = SPLIT_WORKSPACE_BYTES) -> int:
     """The KV bytes to report to vLLM so that its buffer plus the runtime fit in ``available``.
 
     ``kv_bytes_per_slot``: K+V bytes of one token in one (layer, head) page
     (``2 * head_dim * dtype size``). The result is a whole number of vLLM blocks
     (``L * H * block_size * kv_bytes_per_slot`` bytes each), the most that fit.
+    ``step_workspace``: room kept for the largest per-step temporary (default: the
+    split-K workspace cap).
     """
     _check_positive(kv_bytes_per_slot=kv_bytes_per_slot, block_size=block_size, num_layers=num_layers,
                     num_kv_heads=num_kv_heads, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
@@ -82,12 +89,15 @@ def kv_budget(available: int, kv_bytes_per_slot: int, block_size: int, num_layer
     pages_per_block = num_layers * num_kv_heads
     block_kv = pages_per_block * block_size * kv_bytes_per_slot
     block_total = block_kv + pages_per_block * metadata_bytes_per_page(block_size)
-    fixed = runtime_bytes(0, block_size, num_layers, num_kv_heads, max_num_seqs, max_model_len, vocab_size)
+    if not isinstance(step_workspace, int) or step_workspace < 0:
+        raise ValueError(f"step_workspace={step_workspace!r} is invalid: allowed values are integers >= 0")
+    fixed = (runtime_bytes(0, block_size, num_layers, num_kv_heads, max_num_seqs, max_model_len, vocab_size)
+             + step_workspace)
     num_blocks = max(available - fixed, 0) // block_total
     if num_blocks < 1:
         raise KVBudgetError(
             f"vllm-adaptive-kv: {available} bytes available for the KV cache cannot hold the runtime's tables "
-            f"({fixed} bytes for max_num_seqs={max_num_seqs}, max_model_len={max_model_len}) plus one KV block "
+            f"and step workspace ({fixed} bytes for max_num_seqs={max_num_seqs}, max_model_len={max_model_len}) plus one KV block "
             f"({block_total} bytes with its slot metadata): allowed is more memory (raise "
             f"gpu_memory_utilization) or smaller tables (lower max_num_seqs or max_model_len)")
     return num_blocks * block_kv
