@@ -18,7 +18,7 @@ Checks (fp32; each passes or fails, the JSON says by how much):
                             (sdpa, one teacher-forced forward per request): max |dlogit|
                             at every generated position, greedy tokens equal (a
                             mismatch is tolerated only at a near-tie of the dense logits)
-  triton_vs_torch_<policy>  fastgen (recovery_ratio 0.5, so random weights compress),
+  triton_vs_torch_<policy>  fastgen (recovery_ratio 0.7, so random weights compress),
                             h2o, snapkv: the Triton path against the torch path on the
                             same device, the torch run teacher-forced with the Triton
                             run's tokens: logits, ``rt.choice``, list lengths and kept slot

