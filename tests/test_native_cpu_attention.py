@@ -21,8 +21,6 @@ from vllm_adaptive_kv.plugin.cpu.attention import (  # noqa: E402
     native_cpu_attention_available,
 )
 
-pytestmark = pytest.mark.vllm
-
 L, D, BS, VOCAB = 2, 64, 32, 50
 
 

@@ -35,8 +35,8 @@ def test_summaries_split_steady_state_from_the_rest():
     assert overhead.summarize([], running=4)["steady"] == {}
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.timeout(900)
 def test_overhead_tiny_run_reports_every_part(smollm2_dir, tmp_path, capsys):
     out = tmp_path / "overhead.json"
     rc = overhead.main(["--running", "2", "--output-tokens", "40", "--model", str(smollm2_dir),

