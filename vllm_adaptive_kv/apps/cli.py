@@ -8,8 +8,9 @@
     vllm-adaptive-kv eval [ARGS...]                           vllm_adaptive_kv.apps.eval.main(ARGS)
     vllm-adaptive-kv bench [ARGS...]                          vllm_adaptive_kv.apps.bench.main(ARGS)
     vllm-adaptive-kv overhead [ARGS...]                       vllm_adaptive_kv.apps.overhead.main(ARGS)
+    vllm-adaptive-kv selfcheck [--model M]                    vllm_adaptive_kv.apps.selfcheck.main(ARGS)
 
-Commands that live in their own module (demo, bench, and later eval) are listed in
+Commands that live in their own module (demos, eval, bench, overhead, selfcheck) are listed in
 ``DELEGATES``: each gets the rest of the command line as ``module.main(argv)``.
 """
 
@@ -27,6 +28,8 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "eval": ("vllm_adaptive_kv.apps.eval", "quality vs KV kept: passkey, needle QA and chat fidelity over policies"),
     "bench": ("vllm_adaptive_kv.apps.bench", "serving throughput at a fixed KV budget: vanilla vLLM vs the plugin"),
     "overhead": ("vllm_adaptive_kv.apps.overhead", "per-step cost of our bookkeeping and eviction at 16/64/256 running"),
+    "selfcheck": ("vllm_adaptive_kv.apps.selfcheck", "does the plugin work here? vanilla vs full token for token, "
+                  "fastgen frees pages; last line passed/FAILED"),
 }
 
 
