@@ -109,10 +109,9 @@ EVICTING = [
 ]
 
 
-# Every policy on the torch path; on the interpreted Triton path (about 20 s a run on
-# 2 cores) fastgen alone, which drives all four kernels, scores included.
+# Every policy on both paths: the torch reference and the interpreted Triton kernels.
 @pytest.mark.parametrize("policy,settings,path", [(*case, "torch") for case in EVICTING] + [
-    pytest.param(*EVICTING[0], "triton", marks=PATHS[1].marks)])
+    pytest.param(*case, "triton", marks=PATHS[1].marks) for case in EVICTING])
 def test_eviction_frees_pages_and_never_leaks(policy, settings, path):
     rt, model = make_runtime(policy, path=path, **settings), FakeModel(1)
     rt.add("a", prompt_len=70)
