@@ -97,7 +97,7 @@ def run_engine(model_dir: str, policy: str | None, args) -> dict:
     if not torch.cuda.is_available():
         extra["enforce_eager"] = True  # vLLM CPU: no graph capture to wait for
     llm = LLM(model_dir, dtype=args.dtype, max_model_len=2048, kv_cache_memory_bytes=args.kv_cache_mib << 20,
-              seed=0, **extra)
+              seed=0, disable_log_stats=False, **extra)  # our metrics need the stat loggers
     try:
         passkeys, texts = workload(llm.get_tokenizer())
         before = registry_metrics()
