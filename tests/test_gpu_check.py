@@ -72,3 +72,46 @@ def test_dry_run_passes_every_check_and_times_every_kernel(tmp_path):
         assert r["ms"] is not None and r["ms"] > 0 and "gb_per_s" in r, r
     assert "stats" in timing["not_timed"]
     assert "result: PASS" in proc.stdout
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_list_snapshot(positions, scores):
+    import torch
+
+    kept = torch.tensor([[positions]], dtype=torch.long)
+    score = torch.tensor([[scores]], dtype=torch.float32)
+    return {"choice": torch.zeros(1, 1, dtype=torch.long), "lens": torch.tensor([[len(positions)]]),
+            "kept": kept, "score": score}
+
+
+@pytest.mark.parametrize("gap, tolerated", [(1e-5, True), (0.2, False)])
+def test_a_boundary_swap_is_tolerated_only_when_the_scores_nearly_tie(gap, tolerated):
+    gpu_check = load_script()
+    triton = one_list_snapshot([0, 1, 5], [1.0, 0.5, 0.3])
+    torch_run = one_list_snapshot([0, 1, 6], [1.0, 0.5, 0.3 + gap])
+    same = one_list_snapshot([0, 1, 5], [1.0, 0.5, 0.3])
+    out = gpu_check.snap_compare({"r0": {"prompt_end": same, "final": triton}},
+                                 {"r0": {"prompt_end": same, "final": torch_run}}, swap_tol=1e-2)
+    assert out["lists"] == 2
+    assert out["boundary_swaps"] == int(tolerated)
+    assert out["kept_mismatches"] == int(not tolerated)
+    assert out["swapped_requests"] == (["r0"] if tolerated else [])
+    assert out["examples"][0]["positions_differing"] == 2
+
+
+def test_more_than_two_swapped_slots_is_a_mismatch_however_close():
+    gpu_check = load_script()
+    triton = one_list_snapshot([0, 1, 2, 3], [0.4, 0.4, 0.4, 0.4])
+    torch_run = one_list_snapshot([0, 5, 6, 7], [0.4, 0.4, 0.4, 0.4])
+    out = gpu_check.snap_compare({"r0": {"prompt_end": triton, "final": triton}},
+                                 {"r0": {"prompt_end": triton, "final": torch_run}})
+    assert out["kept_mismatches"] == 1 and out["boundary_swaps"] == 0

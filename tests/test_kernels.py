@@ -250,7 +250,7 @@ def dense_attention(pool: Pool, lists: HeadLists, queries: Queries, scale, score
 
 
 def apply_score_delta(slot_score_before: torch.Tensor, delta: dict, used: slice, block_size: int):
-    expected = slot_score_before.double().clone()
+    expected = slot_score_before.cpu().double().clone()
     for slot, value in delta.items():
         expected[slot // block_size - used.start, slot % block_size] += value
     return expected
@@ -614,7 +614,7 @@ def test_bad_arguments_raise_value_errors_naming_them():
         paged_attention(queries.q.repeat_interleave(2, dim=-1)[..., ::2], *att, 0.1)
     small_pages = torch.zeros(4, 2, 8, 64, device=DEVICE)
     with pytest.raises(ValueError, match="block_size=8"):
-        paged_attention(queries.q, *att[:4], small_pages, torch.zeros(4, 8, dtype=torch.int32), 0.1)
+        paged_attention(queries.q, *att[:4], small_pages, torch.zeros(4, 8, dtype=torch.int32, device=DEVICE), 0.1)
     with pytest.raises(ValueError, match="q has 3 query heads"):
         paged_attention(queries.q[:, :3], *att, 0.1)
     with pytest.raises(ValueError, match="out has shape"):
@@ -624,7 +624,7 @@ def test_bad_arguments_raise_value_errors_naming_them():
     moves = torch.zeros(2, 4, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="num_moves has dtype torch.int64"):
         compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score, moves, moves,
-                      torch.zeros(2, dtype=torch.int64))
+                      torch.zeros(2, dtype=torch.int64, device=DEVICE))
 
 
 def test_package_imports_and_runs_references_without_triton():
