@@ -51,3 +51,33 @@ def test_tiny_run_checks_every_family(tmp_path):
 def test_bad_arguments_are_named(args, needle):
     proc = run_script("--tiny", *args, timeout=60)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_split_sweep_checks_every_forced_split_count():
+    """scripts/split_sweep.py's per-shape sweep on CPU (interpreter, tiny shapes; times are
+    stand-ins): every forced split count matches the torch reference, and the rule's
+    choice is reported beside the best."""
+    pytest.importorskip("triton")
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("split_sweep", SCRIPT.parent / "split_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    from scripts.bench_kernels import TINY, KernelBench
+
+    bench = KernelBench(argparse.Namespace(tiny=True, model=TINY, dtype="float32", seed=0, max_gib=None,
+                                           warmup_ms=1, rep_ms=1))
+    stand_ins = iter([3.0, 2.0, 1.0])  # --tiny times nothing: each forced count runs, then gets a stand-in
+
+    def timed(fn):
+        fn()
+        return next(stand_ins)
+
+    bench.timed = timed
+    row = sweep.sweep_one(bench, 2, 72, 1.0, [1, 2, 3])
+    assert set(row["rel_err"]) == {"1", "2", "3"}
+    assert all(err < 1e-5 for err in row["rel_err"].values()), row["rel_err"]
+    assert row["table_pages"] == 5 and row["programs"] == 2 * TINY.kv_heads
+    assert row["rule"] == 1  # 5 pages: too short to split
+    assert row["best"] == 3 and row["rule_over_best"] == 3.0 and row["nosplit_over_best"] == 3.0

@@ -939,8 +939,10 @@ def test_split_count_follows_host_bounds():
     split into <= SPLIT_MAX_PAGES-page runs, small grids for occupancy, both capped."""
     cpu = torch.device("cpu")  # one "SM": occupancy wants 4 programs
     assert split_count(1, 15, 4, 128, cpu) == 1  # too short to split
-    assert split_count(1, 6250, 4, 128, cpu) == 25  # a 100k-slot list: 25 runs of 250 pages
-    assert split_count(512, 6250, 4, 128, cpu) == 25  # by length even when the grid is full
+    assert split_count(2, 63, 4, 128, cpu) == 1  # splits of < SPLIT_MIN_PAGES pages cost more than they win
+    assert split_count(1, 640, 4, 128, cpu) == 10  # a 10k-slot list: 10 runs of 64 pages
+    assert split_count(512, 640, 4, 128, cpu) == 10  # by length even when the grid is full
+    assert split_count(1, 6250, 4, 128, cpu) == MAX_SPLITS  # a 100k-slot list: capped
     assert split_count(4096, 6250, 4, 128, cpu) == 15  # 15 x 8.5 MB of partials fit the 128 MiB cap
     assert split_count(1, 1 << 20, 4, 128, cpu) == MAX_SPLITS
     assert split_count(2, 64, 4, 128, cpu) == 2  # occupancy: 2 programs -> 2 splits each
