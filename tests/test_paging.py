@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_adaptive_kv.core.layout import KVPool
-from vllm_adaptive_kv.core.paging import PagedHeadCache
+from vllm_adaptive_kv.core.paging import PagedHeadCache, PagePoolShortError
 from vllm_adaptive_kv.triton_kernels.compaction import compact_slots_reference
 from vllm_adaptive_kv.triton_kernels.write_kv import write_kv_reference
 
@@ -182,3 +182,34 @@ def test_transposed_key_pages_store_each_block_d_major():
     assert torch.equal(pool.kv_pages[1, 0].reshape(D, 4), key[:, 0].t())  # raw storage: transposed
     assert torch.equal(pool.kv_pages[1, 1], -key[:, 0])  # V rows stay row-major
     assert torch.equal(pool.k_pages[1], key[:, 0])  # the view hides the difference
+
+
+def test_check_allocate_names_the_request_that_does_not_fit_and_moves_nothing():
+    """A step asking for more pages than are free: one error naming the first request in
+    allocation order that the free stack cannot serve, its pages and the pages free;
+    the stack, tables and lengths stay as they were."""
+    cache = PagedHeadCache(16, 4, L, H, 8, MAX_REQS)
+    cache.allocate(torch.tensor([0]), torch.tensor([3]), total_tokens=3)  # 6 lists x 1 page
+    before = (int(cache.num_free), cache.free_stack.clone(), cache.table.clone(), cache.lens.clone())
+    rows, counts = torch.tensor([0, 1]), torch.tensor([2, 1])  # row 0 opens 6 pages, row 1 needs 6 more
+    with pytest.raises(PagePoolShortError) as err:
+        cache.check_allocate(rows, counts, names=["'x'", "'y'"])
+    assert str(err.value).startswith(
+        "head page pool short: request 'y' asks for 6 pages, 4 free (the step's earlier requests take 6; "
+        "the step asks for 12 pages, 10 free); no page was moved.")
+    assert (err.value.request, err.value.asked, err.value.free) == ("'y'", 6, 4)
+    assert before[0] == int(cache.num_free) == 10
+    assert all(torch.equal(a, b) for a, b in zip(before[1:], (cache.free_stack, cache.table, cache.lens)))
+    cache.audit()
+    # Without names the row is named; a step that fits returns the pages left free.
+    with pytest.raises(PagePoolShortError, match=r"^head page pool short: request row 1 asks for 6 pages, 4 free"):
+        cache.check_allocate(rows, counts)
+    assert cache.check_allocate(torch.tensor([0]), torch.tensor([2])) == 4
+
+
+def test_check_allocate_refuses_a_list_wider_than_the_page_table():
+    cache = PagedHeadCache(64, 4, L, H, 2, MAX_REQS)
+    with pytest.raises(RuntimeError, match=r"request 'z' would need 3 pages in one head list, more than "
+                                           r"max_pages_per_list=2"):
+        cache.check_allocate(torch.tensor([2]), torch.tensor([9]), names=["'z'"])
+    assert int(cache.num_free) == 64

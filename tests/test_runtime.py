@@ -9,10 +9,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from vllm_adaptive_kv.core.attention import attention_path
 from vllm_adaptive_kv.core.config import parse_policy_config
 from vllm_adaptive_kv.core.layout import FLAG_PUNCT, FLAG_SPECIAL, KVPool
+from vllm_adaptive_kv.core.paging import PagePoolShortError
 from vllm_adaptive_kv.core.policies import FastGen
 from vllm_adaptive_kv.core.runtime import HeadCacheRuntime
 from vllm_adaptive_kv.triton_kernels import HAS_TRITON
@@ -237,3 +240,110 @@ def test_triton_attend_reads_no_device_values(monkeypatch):
     assert names.count("_write_kv_kernel") == L and "_paged_attention_kernel" in names
     main = next(consts for name, _, consts in launches.calls if name == "_paged_attention_kernel")
     assert main["TILED"] and main["SCORE_MASK"] and main["WEIGHTED"] and main["ACCUMULATE_SCORE"]
+
+
+def plan(rt, reqs, counts):
+    """plan_step with placeholder positions and token ids (bookkeeping tests, no attention)."""
+    total = sum(counts)
+    return rt.plan_step(reqs, counts, torch.arange(total), torch.full((total,), 10))
+
+
+def test_short_step_raises_naming_the_request_and_moves_no_page():
+    """A step whose reservation is short: PagePoolShortError names the request, the pages it
+    asks for and the pages free; no page moved, no request's state advanced; once pages
+    come back the same step runs."""
+    rt = make_runtime("full", num_pages=10)  # L x H = 4 lists
+    rt.add("a", prompt_len=30)
+    rt.finish_step(plan(rt, ["a"], [30]))  # 2 pages per list: 8 held, 2 free
+    rt.add("b", prompt_len=16)
+    lens, table = rt.cache.lens.clone(), rt.cache.table.clone()
+    with pytest.raises(PagePoolShortError) as err:
+        plan(rt, ["a", "b"], [1, 16])  # a fills its pages (0 new), b opens 4
+    assert str(err.value) == (
+        "head page pool short: request 'b' asks for 4 pages, 2 free; no page was moved. The step was "
+        "scheduled with fewer pages reserved than it needs (inside vLLM: the block reservation of "
+        "vllm_adaptive_kv/plugin/spec.py)")
+    assert int(rt.cache.num_free) == 2 and rt.cache.audit() == {"free": 2, "owned": 8}
+    assert torch.equal(rt.cache.lens, lens) and torch.equal(rt.cache.table, table)
+    assert rt.state[rt.rows["a"]].tokens == 30 and rt.state[rt.rows["b"]].tokens == 0
+    rt.release(["a"])
+    report = rt.finish_step(plan(rt, ["b"], [16]))
+    assert report.requests["b"].pages_held == 4 and report.pages_free == 6
+    rt.cache.audit()
+
+
+def test_check_plan_reads_nothing_while_the_reservation_fits(monkeypatch):
+    """The host bound (last report's counters vs a floor of the free stack) proves a fitting
+    step without reading a tensor; only a step it cannot prove (here: a plan whose report
+    never came, as after a forward pass that raised) reads the exact counts, once."""
+    from test_kernels import forbid_host_reads
+
+    rt = make_runtime("h2o", num_pages=64, budget_ratio=0.5)
+    rt.add("a", prompt_len=40)
+    rt.add("b", prompt_len=20)
+    rt.finish_step(plan(rt, ["a", "b"], [40, 20]))  # both prompts end: evicted, reported
+    exact = []
+    real_check = rt.cache.check_allocate
+    monkeypatch.setattr(rt.cache, "check_allocate", lambda *a, **k: exact.append(1) or real_check(*a, **k))
+    states = [rt.state[rt.rows[r]] for r in ("a", "b")]
+    rows_t, counts = torch.tensor([rt.rows["a"], rt.rows["b"]]), torch.tensor([1, 3])
+    with forbid_host_reads():
+        free_after = rt.check_plan(["a", "b"], states, [1, 3], rows_t, counts)
+    assert not exact and free_after <= int(rt.cache.num_free) - int(rt.cache.pages_needed(
+        rt.cache.lens[rows_t], counts[:, None, None]).sum())
+    plan(rt, ["a", "b"], [1, 3])  # planned, never finished: the counters are stale
+    plan(rt, ["a", "b"], [1, 1])
+    assert len(exact) == 1
+    assert rt._free_floor == int(rt.cache.num_free)  # the exact read resets the floor
+    rt.cache.audit()
+
+
+step_op = st.one_of(
+    st.tuples(st.just("prompt"), st.integers(1, 60)),  # a new request's whole prompt
+    st.tuples(st.just("decode"), st.integers(1, 3)),  # every running request, 1-3 tokens (as drafts)
+    st.tuples(st.just("release"), st.integers(0, 7)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(step_op, min_size=1, max_size=20), num_pages=st.integers(4, 48),
+       policy=st.sampled_from([("full", {}), ("h2o", {"budget_ratio": 0.3}),
+                               ("streamingllm", {"budget_ratio": 0.5})]))
+def test_every_step_is_checked_against_the_free_stack(ops, num_pages, policy):
+    """Random prompts, decode steps and releases over a small pool, without a scheduler: a step
+    raises PagePoolShortError exactly when its lists need more pages than are free, and then
+    moves nothing; the host floor never exceeds the free stack, so a step the host bound lets
+    through always fits; the pool audit stays clean."""
+    rt = make_runtime(policy[0], num_pages=num_pages, **policy[1])
+    live, names = [], iter(range(1000))
+    for kind, arg in ops:
+        if kind == "release":
+            if live:
+                rt.release([live.pop(arg % len(live))])
+            continue
+        if kind == "prompt":
+            if len(live) == 8:
+                continue
+            req = f"r{next(names)}"
+            rt.add(req, prompt_len=arg)
+            live.append(req)
+            reqs, counts = [req], [arg]
+        else:
+            reqs = [r for r in live if rt.state[rt.rows[r]].tokens]
+            counts = [arg] * len(reqs)
+        if not reqs:
+            continue
+        rows = torch.tensor([rt.rows[r] for r in reqs])
+        need = int(rt.cache.pages_needed(rt.cache.lens[rows], torch.tensor(counts)[:, None, None]).sum())
+        free = int(rt.cache.num_free)
+        assert rt._free_floor <= free
+        event("short" if need > free else "fits")
+        if need > free:
+            with pytest.raises(PagePoolShortError):
+                plan(rt, reqs, counts)
+            assert int(rt.cache.num_free) == free
+        else:
+            rt.finish_step(plan(rt, reqs, counts))
+        rt.cache.audit()
+    rt.release(live)
+    assert int(rt.cache.num_free) == num_pages and rt._free_floor <= num_pages

@@ -78,8 +78,9 @@ def compact_into_pages(run: PromptRun, keep: torch.Tensor, block_size: int) -> d
     pages_per_list = -(-n // block_size)
     cache = PagedHeadCache(layers * heads * pages_per_list, block_size, layers, heads, pages_per_list, 1)
     pool = KVPool.allocate(cache.num_pages, block_size, dim, run.keys.dtype)
-    row = torch.tensor([0])
-    slots = cache.allocate(row, torch.tensor([n]), total_tokens=n)
+    row, counts = torch.tensor([0]), torch.tensor([n])
+    cache.check_allocate(row, counts)  # sized to fit; checked all the same, before any page moves
+    slots = cache.allocate(row, counts, total_tokens=n)
     positions = torch.arange(n, dtype=torch.int32)
     for layer in range(layers):
         write_kv(run.keys[layer].transpose(0, 1), run.values[layer].transpose(0, 1), slots[layer],

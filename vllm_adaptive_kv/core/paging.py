@@ -22,6 +22,12 @@ Allocation for ``n`` new tokens of a list holding ``len`` slots needs
     offset = [0, 1, 1, 3]          (exclusive cumsum)
     list 2 takes free_stack[top-1], free_stack[top-2]
 
+Check before act: ``check_allocate`` compares what a step asks for with the
+free stack and raises ``PagePoolShortError`` before any page moves; ``allocate``
+itself does not check (it runs on the device without reading anything back). A
+step that skipped the check and asked for more than is free would give one
+page to several lists.
+
 Compaction of a list keeps the slots of a keep mask, in order, at the front::
 
     logical   0  1  2  3  4  5  6
@@ -47,6 +53,27 @@ def _with_trash(numel: int, fill: int, device) -> torch.Tensor:
 def _masked_index(index: torch.Tensor, mask: torch.Tensor, trash: int) -> torch.Tensor:
     """``index`` where ``mask`` else the trash position; for sync-free masked writes."""
     return torch.where(mask, index, torch.full_like(index, trash))
+
+
+class PagePoolShortError(RuntimeError):
+    """A step asks for more head pages than the free stack holds; nothing was allocated.
+
+    Raised by ``PagedHeadCache.check_allocate`` before any page moves, so the pool
+    is left as it was. Requests take pages in step order; ``request`` is the first
+    one that does not fit, ``asked`` its pages and ``free`` what the step's earlier
+    requests left; ``step_asked`` / ``step_free`` are the whole step's.
+    """
+
+    def __init__(self, request: str, asked: int, free: int, step_asked: int, step_free: int) -> None:
+        self.request, self.asked, self.free = request, asked, free
+        self.step_asked, self.step_free = step_asked, step_free
+        earlier = "" if free == step_free else (
+            f" (the step's earlier requests take {step_free - free}; the step asks for {step_asked} "
+            f"pages, {step_free} free)")
+        super().__init__(
+            f"head page pool short: request {request} asks for {asked} pages, {free} free{earlier}; "
+            "no page was moved. The step was scheduled with fewer pages reserved than it needs "
+            "(inside vLLM: the block reservation of vllm_adaptive_kv/plugin/spec.py)")
 
 
 @dataclass
@@ -120,17 +147,36 @@ class PagedHeadCache:
 
     # --- allocate ----------------------------------------------------------
 
-    def check_allocate(self, rows: torch.Tensor, num_tokens: torch.Tensor) -> None:
-        """Host-side check (syncs): raise if the pool or a list cannot take the tokens."""
+    def check_allocate(self, rows: torch.Tensor, num_tokens: torch.Tensor,
+                       names: list[str] | None = None) -> int:
+        """Check before ``allocate``: raise unless every list of ``rows`` can take its tokens.
+
+        rows [R] int64, num_tokens [R] (device); names: how the errors call each row
+        (default ``row N``). One host read (on CUDA a sync): pages asked per row, the
+        widest list per row after growth and ``num_free``. Raises ``PagePoolShortError``
+        naming the first row, in allocation order, that the free stack cannot serve;
+        RuntimeError if a list would outgrow its page-table width. Nothing moves either
+        way. Returns the pages that stay free after the allocation.
+        """
+        bs = self.block_size
         lens = self.lens[rows].to(torch.int64)
         grow = num_tokens.to(torch.int64)[:, None, None]
-        need = int(self.pages_needed(lens, grow).sum())
-        free = int(self.num_free)
-        if need > free:
-            raise RuntimeError(f"page pool exhausted: need {need} pages, {free} free")
-        widest = int(((lens + grow + self.block_size - 1) // self.block_size).max()) if rows.numel() else 0
-        if widest > self.width:
-            raise RuntimeError(f"a head list would need {widest} pages, more than max_pages_per_list={self.width}")
+        asked = self.pages_needed(lens, grow).sum(dim=(1, 2))
+        widest = ((lens + grow + bs - 1) // bs).amax(dim=(1, 2))
+        values = torch.cat([asked, widest, self.num_free]).tolist()  # the one host read
+        count = rows.numel()
+        asked_per_row, widest_per_row, free = values[:count], values[count:2 * count], values[-1]
+        names = names if names is not None else [f"row {r}" for r in rows.tolist()]
+        taken = 0
+        for name, pages in zip(names, asked_per_row):
+            if taken + pages > free:
+                raise PagePoolShortError(name, pages, free - taken, sum(asked_per_row), free)
+            taken += pages
+        for name, pages in zip(names, widest_per_row):
+            if pages > self.width:
+                raise RuntimeError(f"request {name} would need {pages} pages in one head list, more than "
+                                   f"max_pages_per_list={self.width}; nothing was allocated")
+        return free - taken
 
     def allocate(
         self,
@@ -140,6 +186,9 @@ class PagedHeadCache:
         max_tokens_per_request: int | None = None,
     ) -> torch.Tensor:
         """Grow every list of ``rows`` by ``num_tokens[r]`` slots; return their slot ids.
+
+        Act half of ``check_allocate``: it does not check that the free stack holds
+        the pages (that would read the device), so the caller must know it does.
 
         rows [R] int64, num_tokens [R] int64 (device). ``total_tokens`` (the sum) and
         ``max_tokens_per_request`` (an upper bound, default ``total_tokens``) are
@@ -162,6 +211,7 @@ class PagedHeadCache:
         j = torch.arange(max_new, device=self.device)
         offset = torch.cumsum(need, 0) - need  # exclusive
         wanted = j[None, :] < need[:, None]  # [M, J]
+        # The clamp only keeps the gather in bounds; a checked step never reaches it.
         stack_pos = (self.num_free - 1 - (offset[:, None] + j[None, :])).clamp_min(0)
         pages = self._stack[stack_pos]
         first_new = (lens.reshape(-1) + self.block_size - 1) // self.block_size  # [M]

@@ -4,7 +4,8 @@
 nothing of vLLM. It does the step's bookkeeping and hands attention to the
 ``AttentionPath`` chosen at start-up (``core/attention.py``). One step::
 
-    plan_step(requests, tokens)     allocate this step's slots in every head list
+    plan_step(requests, tokens)     check the free stack can serve the step (check_plan),
+                                    then allocate its slots in every head list
                                     -> StepMetadata (core/step.py; shared by every layer)
     attend(layer, q, k, v, out)     x L: write K/V, then the attention path (which
                                     also adds observation rows' attention to the scores)
@@ -62,6 +63,12 @@ class RowState:
     profiled: bool = False  # prompt-end eviction done
     since_evict: int = 0  # tokens appended since the last eviction
     longest: int = 0  # slots of its longest list (host bound, exact after each report)
+    # Its lists at the last report: pages held, and lists whose next token opens a page
+    # (last page full, or empty). ``reported`` is False from a plan to its report:
+    # meanwhile the lists grew and these two are stale.
+    pages_held: int = 0
+    full_lists: int = 0
+    reported: bool = True
     # [L, H] bool: lists whose decode tokens accumulate scores (None = all of them).
     # A policy that chooses per head narrows it at the prompt's end (``scores_needed``).
     score_heads: torch.Tensor | None = None
@@ -102,6 +109,9 @@ class HeadCacheRuntime:
         self.rows: dict[str, int] = {}
         self.state: dict[int, RowState] = {}
         self._free_rows = list(range(max_reqs - 1, -1, -1))
+        # A host lower bound of cache.num_free (see check_plan): exact at each report,
+        # raised by releases, lowered by each step's bound on the pages it takes.
+        self._free_floor = pool.num_pages
         self._evicted = torch.zeros((), dtype=torch.int64, device=device)
         self._decisions: Counter = Counter()
         # req_id -> [layer][kv_head] policy name chosen at prompt end (policies that
@@ -121,7 +131,8 @@ class HeadCacheRuntime:
         self.check_add(req_id)
         row = self._free_rows.pop()
         self.rows[req_id] = row
-        self.state[row] = RowState(req_id, config or self.default_config, int(prompt_len))
+        lists = self.num_layers * self.num_kv_heads
+        self.state[row] = RowState(req_id, config or self.default_config, int(prompt_len), full_lists=lists)
         # Every list scores through the prompt: profiling reads all heads' window sums.
         self.score_lists[row] = self.state[row].needs_scores
         return row
@@ -132,6 +143,9 @@ class HeadCacheRuntime:
         if not rows:
             return
         self.cache.release(torch.tensor(rows, dtype=torch.int64, device=self.cache.device))
+        # A row's reported pages are what it held (its lists have not moved since);
+        # a row planned but never reported holds more than it says: count none.
+        self._free_floor += sum(self.state[row].pages_held for row in rows if self.state[row].reported)
         for row in rows:
             del self.state[row]
             self._free_rows.append(row)
@@ -143,6 +157,7 @@ class HeadCacheRuntime:
         """Allocate slots for ``num_tokens[i]`` new tokens of each (live) request.
 
         positions / token_ids: [>= T] for the step's tokens, requests in ``req_ids`` order.
+        Raises PagePoolShortError (nothing allocated) if the pool cannot serve the step.
         """
         device = self.cache.device
         rows = [self.rows[r] for r in req_ids]
@@ -150,6 +165,7 @@ class HeadCacheRuntime:
         total = int(sum(num_tokens))
         rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
         counts = torch.tensor(num_tokens, dtype=torch.int64, device=device)
+        self._free_floor = self.check_plan(req_ids, states, num_tokens, rows_t, counts)
         slot_mapping = self.cache.allocate(rows_t, counts, total, max(num_tokens, default=0))
         starts = [0]
         for n in num_tokens[:-1]:
@@ -164,11 +180,55 @@ class HeadCacheRuntime:
         for st, n in zip(states, num_tokens):
             st.tokens += n
             st.longest += n
+            st.reported = False
             if st.profiled:
                 st.since_evict += n
         requests.width = min(self.cache.width, -(-max((s.longest for s in states), default=0) // self.block_size))
         meta.path = self.attention.plan(meta)
         return meta
+
+    def check_plan(self, req_ids: list[str], states: list[RowState], num_tokens: list[int],
+                   rows_t: torch.Tensor, counts: torch.Tensor) -> int:
+        """Check before act: raise unless the free stack can serve the step; nothing moves.
+
+        rows_t / counts: [R] int64 on the pool's device, the step's rows and new tokens.
+        Returns a lower bound of the pages free once the step is allocated (exact when
+        read from the device).
+
+        Where the free count lives decides the cost: ``cache.num_free`` is a device
+        tensor (on CUDA, reading it syncs with the GPU), so the check first works on
+        host integers only. Each request's counters from its last report bound the
+        pages the step can pop (``_pages_bound``, the same rule the scheduler reserves
+        by), and ``_free_floor`` bounds the free stack from below. If the bound fits
+        the floor, no value is read from the device: this is every step whose
+        reservation was right. Otherwise (a short reservation, or counters made stale
+        by a step that never reported) ``cache.check_allocate`` reads the exact counts:
+        one host read, then ``PagePoolShortError`` naming the request, the pages it asks
+        for and the pages free if they do not fit. On CPU both halves are free: the
+        "device" tensors are host memory.
+        """
+        bound = self._pages_bound(states, num_tokens)
+        if bound is not None and bound <= self._free_floor:
+            return self._free_floor - bound
+        return self.cache.check_allocate(rows_t, counts, [repr(r) for r in req_ids])  # raises if short
+
+    def _pages_bound(self, states: list[RowState], num_tokens: list[int]) -> int | None:
+        """Host bound on the pages the step pops; None if a request's counters are stale.
+
+        Per request of ``lists = L x H`` lists, ``n`` new tokens: a list whose last
+        page is full (or empty) opens ``ceil(n / bs)`` pages, any other list
+        ``ceil((n - 1) / bs)``; and no list grows past ``ceil((tokens + n) / bs)`` pages,
+        so the request pops at most ``lists x that - pages_held``. None also when a
+        list could outgrow the page table, which only the exact check reports.
+        """
+        bs, lists = self.block_size, self.num_layers * self.num_kv_heads
+        total = 0
+        for st, n in zip(states, num_tokens):
+            if not st.reported or -(-(st.longest + n) // bs) > self.cache.width:
+                return None
+            opening = st.full_lists * -(-n // bs) + (lists - st.full_lists) * -(-max(n - 1, 0) // bs)
+            total += min(opening, lists * -(-(st.tokens + n) // bs) - st.pages_held)
+        return total
 
     def _plan_scoring(self, states: list[RowState], requests: StepRequests,
                       tokens: StepTokens) -> StepScoring | None:
@@ -264,11 +324,13 @@ class HeadCacheRuntime:
         per_req = torch.stack([held, full_last, slots, longest]).T.tolist()  # the step's one host read
         extra = torch.stack([self._evicted, self.cache.num_free.reshape(())]).tolist()
         self._evicted.zero_()
+        self._free_floor = int(extra[1])  # exact: the next check_plan starts from it
         report = StepReport(evicted_tokens=int(extra[0]), pages_free=int(extra[1]),
                             head_policy_counts=dict(self._decisions))
         self._decisions.clear()
         for req_id, row, (held, full_last, slots, longest) in zip(requests.req_ids, requests.rows, per_req):
-            self.state[row].longest = longest
+            state = self.state[row]
+            state.longest, state.pages_held, state.full_lists, state.reported = longest, held, full_last, True
             report.requests[req_id] = RequestReport(held, full_last, slots, self.state[row].tokens)
         return report
 
