@@ -3,15 +3,13 @@
 What is checked: the GPU classes import; the backend declares what the Triton path
 takes; vLLM's KV buffer is checked as ``pool_view`` reads it (built by vLLM's own
 allocation code, and by hand for each failure); the KV budget leaves room for the
-runtime's tensors; the engine-args hook sets CUDA up and refuses a user's attention
-backend; and every private vLLM internal the glue relies on is still where it was
-(the contract tests at the end fail in seconds, naming what moved).
+runtime's tensors; and the engine-args hook sets CUDA up and refuses a user's attention
+backend. The private vLLM internals the CUDA glue relies on are contract-tested with
+the rest in tests/test_vllm_contract.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 import types
 
@@ -608,127 +606,3 @@ def test_other_platforms_are_refused(hooks, monkeypatch):
     monkeypatch.setattr(current_platform, "is_cuda", lambda: False)
     with pytest.raises(hooks.KVPolicyError, match=r"platform 'cpu' is not supported .*allowed is cpu or cuda"):
         hooks.worker_class("auto", "fastgen")
-
-
-# --- contracts with vLLM internals the glue relies on -------------------------------------------
-
-
-def params(function) -> list[str]:
-    return list(inspect.signature(function).parameters)
-
-
-def source(function) -> str:
-    return inspect.getsource(function)
-
-
-def test_contract_worker_builds_its_runner_in_make_model_runner():
-    from vllm.v1.worker.gpu_worker import Worker
-
-    assert params(Worker._make_model_runner) == ["self"], "Worker._make_model_runner(self) moved or changed"
-    assert "self._make_model_runner()" in source(Worker._init_workspace_and_model_runner), (
-        "Worker._init_workspace_and_model_runner no longer builds the runner with _make_model_runner()")
-    assert "self.use_v2_model_runner = vllm_config.use_v2_model_runner" in source(Worker.__init__), (
-        "Worker.__init__ no longer sets self.use_v2_model_runner")
-    assert params(Worker.__init__) == ["self", "vllm_config", "local_rank", "rank", "distributed_init_method",
-                                       "is_driver_worker"], "Worker.__init__ arguments changed"
-
-
-def test_contract_v1_runner_is_chosen_by_the_env_var():
-    import vllm.envs as envs
-    from vllm.config import VllmConfig
-
-    assert isinstance(inspect.getattr_static(VllmConfig, "use_v2_model_runner"), property), (
-        "VllmConfig.use_v2_model_runner is no longer a property")
-    assert "envs.VLLM_USE_V2_MODEL_RUNNER" in source(VllmConfig.use_v2_model_runner.fget), (
-        "VllmConfig.use_v2_model_runner no longer reads VLLM_USE_V2_MODEL_RUNNER")
-    assert "VLLM_USE_V2_MODEL_RUNNER" in envs.environment_variables, "vllm.envs lost VLLM_USE_V2_MODEL_RUNNER"
-
-
-def test_contract_determine_available_memory_returns_the_kv_budget():
-    from vllm.config import CacheConfig
-    from vllm.v1.worker.gpu_worker import Worker
-
-    signature = inspect.signature(Worker.determine_available_memory)
-    assert list(signature.parameters) == ["self"] and signature.return_annotation in (int, "int"), (
-        f"Worker.determine_available_memory changed: {signature}")
-    assert "num_gpu_blocks_override" in {f.name for f in dataclasses.fields(CacheConfig)}, (
-        "CacheConfig.num_gpu_blocks_override moved")
-
-
-def test_contract_backend_registry_has_custom_and_register_backend():
-    from vllm.model_executor.layers.attention.attention import Attention
-    from vllm.v1.attention.backends import registry
-
-    assert "CUSTOM" in registry.AttentionBackendEnum.__members__, "AttentionBackendEnum.CUSTOM is gone"
-    assert params(registry.register_backend)[:2] == ["backend", "class_path"], "register_backend arguments changed"
-    assert isinstance(registry._ATTN_OVERRIDES, dict), "registry._ATTN_OVERRIDES (used by the tests) moved"
-    assert "AttentionBackendEnum[self.attn_backend.get_name()]" in source(Attention.__init__), (
-        "Attention.__init__ no longer maps get_name() to an AttentionBackendEnum member")
-
-
-def test_contract_unregistered_custom_raises_value_error(overrides):
-    """install_gpu_backend reads an unregistered CUSTOM as ValueError from get_path()."""
-    registry, _ = overrides
-    with pytest.raises(ValueError, match="must be registered before use"):
-        registry.AttentionBackendEnum.CUSTOM.get_path()
-
-
-def test_contract_attention_backend_abc():
-    from vllm.v1.attention.backend import AttentionBackend, AttentionMetadataBuilder
-    from vllm.v1.attention.selector import AttentionSelectorConfig
-
-    assert AttentionBackend.__abstractmethods__ == {"get_name", "get_impl_cls", "get_builder_cls"}, (
-        f"AttentionBackend's abstract methods changed: {sorted(AttentionBackend.__abstractmethods__)}")
-    for name in ("supported_dtypes", "supported_kv_cache_dtypes", "forward_includes_kv_cache_update",
-                 "get_supported_kernel_block_sizes", "supported_kv_cache_layouts", "customize_spec",
-                 "supports_sliding_window", "validate_configuration"):
-        assert hasattr(AttentionBackend, name), f"AttentionBackend.{name} is gone"
-    expected = set(AttentionSelectorConfig._fields) | {"cls", "device_capability"}
-    assert set(params(AttentionBackend.validate_configuration.__func__)) == expected, (
-        "AttentionBackend.validate_configuration arguments no longer match AttentionSelectorConfig")
-    assert "_cudagraph_support" in vars(AttentionMetadataBuilder), "AttentionMetadataBuilder._cudagraph_support moved"
-
-
-def test_contract_kv_cache_config_fields():
-    from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
-    from vllm.v1.kv_cache_layout import KVCacheLayout
-
-    for cls, needed in [(KVCacheTensor, {"size", "layers", "layer_stride", "block_stride", "offset"}),
-                        (KVCacheConfig, {"num_blocks", "kv_cache_tensors", "kv_cache_groups"}),
-                        (KVCacheGroupSpec, {"layer_names", "kv_cache_spec"}),
-                        (AttentionSpec, {"block_size", "num_kv_heads"})]:
-        missing = needed - {f.name for f in dataclasses.fields(cls)}
-        assert not missing, f"{cls.__name__} lost fields {sorted(missing)}"
-    assert isinstance(inspect.getattr_static(AttentionSpec, "page_size_bytes"), property), (
-        "AttentionSpec.page_size_bytes is no longer a property")
-    assert KVCacheLayout.LBHNC.value == (0, 1, 2, 3, 4), "KVCacheLayout.LBHNC changed"
-
-
-def test_contract_runner_hooks_and_profiling_pass():
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    assert params(GPUModelRunner.initialize_kv_cache)[:3] == ["self", "kv_cache_config", "is_profiling"], (
-        "GPUModelRunner.initialize_kv_cache(kv_cache_config, is_profiling) changed")
-    assert "initialize_kv_cache(minimal_config, is_profiling=True)" in source(
-        GPUModelRunner._init_minimal_kv_cache_for_profiling), "the CUDA-graph profiling pass changed"
-    for hook in ("_zero_block_ids", "_update_states", "_build_attention_metadata", "_model_forward",
-                 "execute_model", "get_kv_cache_spec"):
-        assert callable(getattr(GPUModelRunner, hook, None)), f"GPUModelRunner.{hook} is gone"
-    build = params(GPUModelRunner._build_attention_metadata)
-    assert {"num_tokens", "num_scheduled_tokens"} <= set(build), (
-        f"GPUModelRunner._build_attention_metadata lost num_tokens / num_scheduled_tokens: {build}")
-
-
-def test_contract_engine_args_fields():
-    from vllm.config import AttentionConfig, CompilationConfig
-    from vllm.config.compilation import CUDAGraphMode
-    from vllm.engine.arg_utils import EngineArgs
-
-    fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    missing = {"attention_backend", "attention_config", "compilation_config", "enforce_eager"} - fields
-    assert not missing, f"EngineArgs lost {sorted(missing)}"
-    assert {"backend", "backend_per_kind"} <= {f.name for f in dataclasses.fields(AttentionConfig)}, (
-        "AttentionConfig.backend / backend_per_kind moved")
-    assert "cudagraph_mode" in {f.name for f in dataclasses.fields(CompilationConfig)}, (
-        "CompilationConfig.cudagraph_mode moved")
-    assert CUDAGraphMode.FULL_AND_PIECEWISE.has_full_cudagraphs() and not CUDAGraphMode.PIECEWISE.has_full_cudagraphs()
