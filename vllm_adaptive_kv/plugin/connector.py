@@ -14,6 +14,12 @@ sees them. We use it to carry ``StepReport``s (pages held per request) to the
                                        request_finished        -> kept_fraction
                                        get_kv_connector_stats  -> AdaptiveKVStats
                                                                    -> /metrics, log lines
+
+A step that runs no forward pass (vLLM's step that only hands the workers the ids
+of finished and aborted requests, which is the last step before the engine goes
+idle) still reports: the runner releases those requests' pages and sends the free
+count, and, when no request is left, the result of a pool audit (every page free,
+none owned twice). So ``pages_free`` and ``pool_audits`` are true when idle.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class ReportMeta(KVConnectorWorkerMetadata):
     requests: req_id -> RequestReport; ranks merge by ``RequestReport.merge`` (pages
     and full lists take the fullest rank, which the scheduler must fit; slots add up).
     timings: worker seconds per part (opt-in), the slowest rank's.
+    pool_audits: idle-pool audits run (one per rank; see ``audit_idle_pool``).
+    audit_failures: what those audits found wrong, one line each (empty: clean).
     """
 
     requests: dict[str, RequestReport] = field(default_factory=dict)
@@ -56,11 +64,15 @@ class ReportMeta(KVConnectorWorkerMetadata):
     head_policy: dict[str, int] = field(default_factory=dict)
     pages_free: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    pool_audits: int = 0
+    audit_failures: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_report(cls, report: StepReport) -> "ReportMeta":
+    def from_report(cls, report: StepReport, audit_failures: list[str] | None = None) -> "ReportMeta":
+        """``audit_failures``: None when the step ran no pool audit, else its findings."""
         return cls(dict(report.requests), report.evicted_tokens,
-                   dict(report.head_policy_counts), report.pages_free, dict(report.timings))
+                   dict(report.head_policy_counts), report.pages_free, dict(report.timings),
+                   pool_audits=int(audit_failures is not None), audit_failures=list(audit_failures or ()))
 
     def aggregate(self, other: "ReportMeta") -> "ReportMeta":
         merged = dict(self.requests)
@@ -68,20 +80,25 @@ class ReportMeta(KVConnectorWorkerMetadata):
             merged[req_id] = merged[req_id].merge(theirs) if req_id in merged else theirs
         policy = Counter(self.head_policy) + Counter(other.head_policy)
         return ReportMeta(merged, self.evicted_tokens + other.evicted_tokens, dict(policy),
-                          self.pages_free + other.pages_free, merge_ranks(self.timings, other.timings))
+                          self.pages_free + other.pages_free, merge_ranks(self.timings, other.timings),
+                          pool_audits=self.pool_audits + other.pool_audits,
+                          audit_failures=self.audit_failures + other.audit_failures)
 
 
 @dataclass
 class AdaptiveKVStats(KVConnectorStats):
     """Stats since the last read: kept fractions of finished requests, evicted
-    tokens, per-head decisions, the latest free page count and, when timing is on,
-    summed seconds per part with the number of timed steps (``timing``)."""
+    tokens, per-head decisions, the latest free page count, idle-pool audits run and
+    failed and, when timing is on, summed seconds per part with the number of timed
+    steps (``timing``)."""
 
     def __post_init__(self) -> None:
         self.data.setdefault("kept_fraction", [])
         self.data.setdefault("evicted_tokens", 0)
         self.data.setdefault("head_policy", {})
         self.data.setdefault("pages_free", None)
+        self.data.setdefault("pool_audits", 0)
+        self.data.setdefault("pool_audit_failures", 0)
         self.data.setdefault("timing", {})
 
     def reset(self) -> None:
@@ -95,6 +112,8 @@ class AdaptiveKVStats(KVConnectorStats):
         self.data["head_policy"] = dict(Counter(self.data["head_policy"]) + Counter(data.get("head_policy", {})))
         if data.get("pages_free") is not None:
             self.data["pages_free"] = data["pages_free"]
+        for name in ("pool_audits", "pool_audit_failures"):
+            self.data[name] += int(data.get(name, 0))
         self.data["timing"] = dict(Counter(self.data["timing"]) + Counter(data.get("timing", {})))
         return self
 
@@ -106,6 +125,9 @@ class AdaptiveKVStats(KVConnectorStats):
             out["mean_kept_fraction"] = round(sum(kept) / len(kept), 4)
         if self.data["pages_free"] is not None:
             out["pages_free"] = self.data["pages_free"]
+        for name in ("pool_audits", "pool_audit_failures"):
+            if self.data[name]:
+                out[name] = self.data[name]
         for name, count in sorted(self.data["head_policy"].items()):
             out[f"heads_{name}"] = count
         timing = self.data["timing"]
@@ -116,7 +138,8 @@ class AdaptiveKVStats(KVConnectorStats):
     def is_empty(self) -> bool:
         d = self.data
         return (not d["kept_fraction"] and not d["evicted_tokens"] and not d["head_policy"]
-                and d["pages_free"] is None and not d["timing"])
+                and d["pages_free"] is None and not d["pool_audits"] and not d["pool_audit_failures"]
+                and not d["timing"])
 
 
 def unregister_adaptive_metrics() -> None:
@@ -148,7 +171,19 @@ class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
             documentation="Per-(layer, KV head) policy decisions at the end of a prompt.")
         self.pages_free = self._gauge_cls(
             name="vllm_adaptive_kv:pages_free", labelnames=labelnames, multiprocess_mode="mostrecent",
-            documentation="Free per-(layer, KV head) pages in the pool (all TP ranks).")
+            documentation="Free per-(layer, KV head) pages in the pool (all TP ranks); refreshed after "
+                          "every step, including the last one before the engine goes idle.")
+        self.pool_audits = self._counter_cls(
+            name="vllm_adaptive_kv:pool_audits", labelnames=labelnames,
+            documentation="Audits of the page pool run when the engine went idle (one per TP rank): every "
+                          "page must be free and none owned twice.")
+        self.pool_audit_failures = self._counter_cls(
+            name="vllm_adaptive_kv:pool_audit_failures", labelnames=labelnames,
+            documentation="Idle-pool audits that found a page leaked, held or owned twice; the worker "
+                          "logs what it found at ERROR level.")
+        for labels in per_engine_labelvalues.values():  # on /metrics from the start, at 0
+            self.pool_audits.labels(*labels)
+            self.pool_audit_failures.labels(*labels)
         self.overhead = self._counter_cls(
             name="vllm_adaptive_kv:overhead_seconds", labelnames=labelnames + ["part"],
             documentation="Opt-in (VLLM_ADAPTIVE_KV_TIMING=1) seconds per part: sched (our block "
@@ -170,6 +205,9 @@ class AdaptiveKVPromMetrics(KVConnectorPromMetrics):
             self.head_policy.labels(*labels, name).inc(count)
         if transfer_stats_data.get("pages_free") is not None:
             self.pages_free.labels(*labels).set(transfer_stats_data["pages_free"])
+        for counter, name in ((self.pool_audits, "pool_audits"), (self.pool_audit_failures, "pool_audit_failures")):
+            if transfer_stats_data.get(name):
+                counter.labels(*labels).inc(transfer_stats_data[name])
         timing = transfer_stats_data.get("timing") or {}
         for part in PARTS:
             if timing.get(part):
@@ -184,6 +222,7 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         self._pending_report: StepReport | None = None
+        self._pending_audit: list[str] | None = None
         self._manager: AdaptiveKVManager | None = None
         self._last: dict[str, RequestReport] = {}
         self._finishing: set[str] = set()
@@ -204,12 +243,15 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
 
     # --- worker side ------------------------------------------------------------
 
-    def set_step_report(self, report: StepReport) -> None:
+    def set_step_report(self, report: StepReport, audit_failures: list[str] | None = None) -> None:
+        """This step's report; ``audit_failures`` only from an idle-pool audit (None: none ran)."""
         self._pending_report = report
+        self._pending_audit = audit_failures
 
     def build_connector_worker_meta(self) -> ReportMeta | None:
         report, self._pending_report = self._pending_report, None
-        return ReportMeta.from_report(report) if report is not None else None
+        audit, self._pending_audit = self._pending_audit, None
+        return ReportMeta.from_report(report, audit) if report is not None else None
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         return None
@@ -288,7 +330,8 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
                 self._manager.apply_report(req_id, report)
         self._stats.aggregate(AdaptiveKVStats(data={
             "evicted_tokens": meta.evicted_tokens, "head_policy": meta.head_policy,
-            "pages_free": meta.pages_free}))
+            "pages_free": meta.pages_free, "pool_audits": meta.pool_audits,
+            "pool_audit_failures": len(meta.audit_failures)}))
 
     def request_finished(self, request, block_ids):
         # The request's last report comes with this step's output, after this call.

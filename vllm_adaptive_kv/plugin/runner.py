@@ -4,7 +4,9 @@ Mixed in front of vLLM's V1 model runner (``plugin/cpu/worker.py`` puts it befor
 ``CPUModelRunner``, ``plugin/gpu/worker.py`` before ``GPUModelRunner``). Per engine
 step, inside vLLM's ``execute_model``::
 
-    _update_states        finished / preempted / resumed requests -> runtime.release
+    _update_states        finished / preempted / resumed requests -> runtime.release;
+                          a step with no tokens (the engine going idle) reports the
+                          pool at once and audits it when no request is left
     _build_attention_metadata
                           new requests -> runtime.add (per-request policy from
                           SamplingParams.extra_args); runtime.plan_step allocates
@@ -29,6 +31,7 @@ from ..core.attention import AttentionPath
 from ..core.config import parse_policy_config, request_policy_settings
 from ..core.layout import KVPool
 from ..core.runtime import HeadCacheRuntime
+from ..core.step import StepReport
 from ..core.timing import StepTimer, timing_enabled
 from ..core.token_classes import build_token_flags
 from .backend import AdaptiveMetadataBuilder, StepSource, pool_view
@@ -121,7 +124,27 @@ class AdaptiveRunnerMixin:
             gone |= set(scheduler_output.preempted_req_ids or ())
             gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)  # restart from 0
             self._adaptive_source.runtime.release(gone)
+            if not scheduler_output.total_num_scheduled_tokens:
+                self._report_idle_pool()
         return super()._update_states(scheduler_output)
+
+    def _report_idle_pool(self) -> None:
+        """Report the pool from a step that runs no forward pass.
+
+        vLLM hands the workers the ids of finished and aborted requests with the
+        *next* step. When nothing else runs, that step schedules no tokens: no
+        forward, so no ``finish_step`` report, and without this the ``pages_free``
+        gauge would show the released pages as held until another request came.
+        With no live request left the whole pool must be free: audit it (cheap next
+        to a step, and only when the engine goes idle).
+        """
+        if not has_kv_transfer_group():
+            return
+        runtime = self._adaptive_source.runtime
+        failures = audit_idle_pool(runtime.cache) if not runtime.rows else None
+        for failure in failures or ():
+            logger.error("vllm-adaptive-kv: idle pool audit failed: %s", failure)
+        get_kv_transfer_group().set_step_report(StepReport(pages_free=int(runtime.cache.num_free)), failures)
 
     def _build_attention_metadata(self, *args, **kwargs):
         if self._adaptive_output is not None and self._adaptive_source is not None:
@@ -159,6 +182,18 @@ class AdaptiveRunnerMixin:
             if has_kv_transfer_group():
                 get_kv_transfer_group().set_step_report(report)
         return output
+
+
+def audit_idle_pool(cache) -> list[str]:
+    """What is wrong with a pool that no request holds (empty list: every page free, none twice)."""
+    try:
+        found = cache.audit()
+    except AssertionError as err:  # the audit names the page or list that broke the invariant
+        return [str(err)]
+    if found["free"] != cache.num_pages:
+        return [f"{cache.num_pages - found['free']} of {cache.num_pages} head pages are not free "
+                f"with no live request ({found['owned']} owned by a page list)"]
+    return []
 
 
 def check_buffer_layout(kv_cache_config) -> list[str]:
