@@ -13,15 +13,32 @@ vLLM 0.32), then from the last engine config this process built (``LLM``, and
 (extra API-server processes) checks each request key against the policy the
 request names, or else against a policy that has the key; the engine re-checks
 against the real default.
+
+Keys that are not ours pass through untouched: other extensions read
+``extra_args`` too. The one exception is a request that carries our settings
+(``kv_policy`` or a hyperparameter) next to a key that is a near miss of one of
+ours, such as ``recovery_ration``: that is a typo that would otherwise silently
+fall back to a default, so it gets a 400 naming the key and the keys allowed.
+A near miss alone, without any of our keys, passes: it may be another
+extension's key, and the request simply runs the server's policy.
 """
 
 from __future__ import annotations
+
+import difflib
 
 import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from ..core.config import parse_policy_config, policy_fields, request_policy_settings, split_policy_settings
+from ..core.config import (
+    POLICY_KEYS,
+    PROFILING_KEYS,
+    parse_policy_config,
+    policy_fields,
+    request_policy_settings,
+    split_policy_settings,
+)
 from ..core.policies import POLICY_NAMES
 from .engine_args import policy_settings_of, remembered_policy_settings
 
@@ -31,11 +48,13 @@ class RequestPolicyValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        request, _ = split_policy_settings(sampling_params.extra_args)
+        request, foreign = split_policy_settings(sampling_params.extra_args)
         if not request:
             return
         try:
-            check_request_settings(request, server_policy_settings())
+            default = server_policy_settings()
+            check_misspelled_keys(foreign, request, default)
+            check_request_settings(request, default)
         except ValueError as err:
             raise VLLMValidationError(f"kv policy settings of the request (extra_args / vllm_xargs): {err}") from None
 
@@ -70,6 +89,37 @@ def check_request_settings(request: dict, default: dict | None) -> None:
     else:
         for key, value in request.items():
             parse_policy_config({"kv_policy": owner_of(key), key: value})
+
+
+# How close (difflib ratio) a foreign key must be to one of ours to count as its
+# misspelling: 'recovery_ration' scores 0.97 against 'recovery_ratio', and keys of
+# other extensions seen so far (e.g. 'top_n_sigma', 'logit_bias_tokens') below 0.6.
+NEAR_MISS_CUTOFF = 0.8
+
+
+def check_misspelled_keys(foreign: dict, request: dict, default: dict | None) -> None:
+    """Raise ValueError for a foreign key that is a near miss of one of our keys.
+
+    ``request`` holds the request's policy keys (at least one), ``foreign`` its other
+    keys; the allowed keys are those of the policy the request runs.
+    """
+    for key in sorted(map(str, foreign)):
+        near = difflib.get_close_matches(key, POLICY_KEYS, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if near:
+            raise ValueError(f"unknown key {key!r} (did you mean {near[0]!r}?): allowed keys "
+                             f"{allowed_keys_text(request, default)}")
+
+
+def allowed_keys_text(request: dict, default: dict | None) -> str:
+    """'for kv_policy=<name> are ...' for the policy the request runs, or every key when unknown."""
+    name = request.get("kv_policy") or (default or {}).get("kv_policy")
+    try:
+        fields = policy_fields(str(name)) if name is not None else None
+    except ValueError:  # an unknown policy name: list every key
+        fields = None
+    if fields is None:
+        return "are " + ", ".join(sorted(POLICY_KEYS))
+    return f"for kv_policy={name!r} are " + ", ".join(["kv_policy", *fields, *PROFILING_KEYS])
 
 
 def owner_of(key: str) -> str:
