@@ -80,7 +80,7 @@ def test_read_policy_file_returns_the_raw_mapping(tmp_path):
 
 
 FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 0.2, "frequent_ratio": 0.3,
-                  "observation_window": 32}
+                  "recent_window": 8, "decode_protect": 0, "observation_window": 32}
 
 
 @pytest.mark.parametrize(
@@ -90,6 +90,11 @@ FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 
         ({"unrelated": 1}, FASTGEN_SERVER),
         ({"local_ratio": 0.1}, {**FASTGEN_SERVER, "local_ratio": 0.1}),
         ({"kv_policy": "fastgen", "frequent_ratio": 0.5}, {**FASTGEN_SERVER, "frequent_ratio": 0.5}),
+        # FastGen's variants per request; the paper's FastGen by name, from its own defaults
+        ({"recent_window": 32, "decode_protect": 16}, {**FASTGEN_SERVER, "recent_window": 32, "decode_protect": 16}),
+        ({"kv_policy": "fastgen-paper"}, {"kv_policy": "fastgen-paper", "recovery_ratio": 0.95, "local_ratio": 0.3,
+                                          "frequent_ratio": 0.3, "recent_window": 0, "decode_protect": 0,
+                                          "observation_window": 32}),
         # another policy starts from its own defaults; only observation_window carries over
         ({"kv_policy": "h2o"}, {"kv_policy": "h2o", "budget_ratio": 0.5, "recent_fraction": 0.5,
                                 "observation_window": 32}),
@@ -111,6 +116,8 @@ def test_request_policy_settings(extra_args, expected):
         ({"kv_policy": "h2o", "recovery_ratio": 0.9}, "unknown hyperparameter.*recovery_ratio.*kv_policy='h2o'"),
         ({"kv_policy": "bogus"}, "kv_policy='bogus' is unknown: allowed values are full, fastgen"),
         ({"observation_window": 0}, "observation_window=0"),
+        ({"recent_window": -4}, r"recent_window=-4 is invalid: allowed values are integers from 0 to 1024"),
+        ({"kv_policy": "fastgen-paper", "decode_protect": 8}, r"decode_protect=8 is invalid for kv_policy='fastgen-paper'"),
     ],
 )
 def test_request_policy_settings_names_bad_values(extra_args, message):

@@ -188,7 +188,10 @@ def test_policy_switches_on_the_plugin(hooks, smollm2_dir):
     engine_args = EngineArgs(model=str(smollm2_dir), additional_config=additional, **ENGINE_KWARGS)
     engine_args.create_engine_config()
     config = engine_args.create_engine_config()  # a second build accepts the plugin's own settings
+    from vllm_adaptive_kv.core.policies import FastGen
+
     expected = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 0.3, "frequent_ratio": 0.3,
+                "recent_window": FastGen.recent_window, "decode_protect": FastGen.decode_protect,
                 "observation_window": 64}
     assert config.additional_config == {"other_plugin": [1, 2], **expected}
     assert hooks.policy_settings_of(config) == expected

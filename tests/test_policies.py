@@ -12,6 +12,7 @@ from vllm_adaptive_kv.core.policies import (
     FASTGEN_LADDER,
     H2O,
     FastGen,
+    FastGenPaper,
     Frequent,
     Full,
     Local,
@@ -148,3 +149,99 @@ def test_slot_view_rejects_mismatched_shapes():
             lengths=torch.zeros(2),
             seq_len=torch.zeros(2),
         )
+
+
+# --- FastGen variants beyond the paper: young tokens every compressed rung keeps ------------
+
+
+def decode_view(prompt_len: int, seq_len: int, heads: int = 3, seed: int = 0) -> SlotView:
+    """Uncompacted lists of one request ``seq_len`` long whose first ``prompt_len`` tokens are
+    the prompt; no special or punctuation token; random scores, lowest on the newest tokens
+    (generated tokens have had little time to gather attention)."""
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.arange(seq_len).expand(heads, seq_len)
+    scores = torch.rand(heads, seq_len, generator=gen) + torch.linspace(1, 0, seq_len)
+    full = torch.full((heads,), seq_len)
+    return SlotView(flags=torch.zeros(heads, seq_len, dtype=torch.uint8), positions=positions, scores=scores,
+                    lengths=full, seq_len=full, prompt_len=torch.full((heads,), prompt_len))
+
+
+def test_paper_fastgen_drops_new_tokens_on_its_frequent_rung():
+    """The hypothesis the variants address: on special+punct+frequent nothing young is kept
+    when young tokens have the lowest scores."""
+    view = decode_view(prompt_len=60, seq_len=100)
+    rung = FASTGEN_LADDER.index("special+punct+frequent")
+    keep = make_policy("fastgen-paper").keep_mask(view, torch.full((3,), rung))
+    assert not bool(keep[:, 90:].any())
+    assert torch.equal(keep, FastGen(recent_window=0, decode_protect=0).keep_mask(view, torch.full((3,), rung)))
+
+
+@pytest.mark.parametrize("rung", range(len(FASTGEN_LADDER)))
+def test_recent_window_is_kept_on_every_rung_and_counted(rung):
+    view = decode_view(prompt_len=60, seq_len=100)
+    choice = torch.full((3,), rung)
+    paper = FastGen(recent_window=0).keep_mask(view, choice)
+    keep = FastGen(recent_window=8).keep_mask(view, choice)
+    assert bool(keep[:, 92:].all()), "the last 8 positions are kept"
+    assert torch.equal(keep, paper | (view.positions >= 92)), "nothing else changes"
+    assert bool((keep.sum(1) >= paper.sum(1)).all())  # the window costs memory, counted in the keep mask
+
+
+def test_decode_protect_keeps_only_young_generated_tokens():
+    view = decode_view(prompt_len=95, seq_len=100)
+    rung = torch.full((3,), FASTGEN_LADDER.index("special+punct+frequent"))
+    keep = FastGen(decode_protect=16).keep_mask(view, rung)
+    paper = FastGenPaper().keep_mask(view, rung)
+    # generated: 95..99 (all within 16 of the end) are protected; prompt tokens 84..94 are not
+    assert bool(keep[:, 95:].all())
+    assert torch.equal(keep[:, :95], paper[:, :95])
+    # a generated token older than decode_protect competes on its score again
+    old = decode_view(prompt_len=40, seq_len=100)
+    keep = FastGen(decode_protect=16).keep_mask(old, rung)
+    assert bool(keep[:, 84:].all())
+    assert torch.equal(keep[:, :84], FastGenPaper().keep_mask(old, rung)[:, :84])
+    # at the prompt's end (prompt_len = seq_len, or unknown) nothing is generated yet
+    prompt_end = decode_view(prompt_len=100, seq_len=100)
+    assert torch.equal(FastGen(decode_protect=16).keep_mask(prompt_end, rung), FastGenPaper().keep_mask(prompt_end, rung))
+    no_prompt_len = SlotView(prompt_end.flags, prompt_end.positions, prompt_end.scores, prompt_end.lengths,
+                             prompt_end.seq_len)
+    assert not bool(no_prompt_len.generated.any())
+
+
+def test_young_tokens_follow_positions_on_compacted_lists():
+    """On a compacted list the window is by position, not by slot: gaps are not filled."""
+    view = random_view(3, heads=6, n=40)
+    keep = FastGen(recent_window=5).keep_mask(view, torch.zeros(6, dtype=torch.int64))
+    for h in range(6):
+        seq = int(view.seq_len[h])
+        for j in range(int(view.lengths[h])):
+            if int(view.positions[h, j]) >= seq - 5:
+                assert bool(keep[h, j])
+    assert not bool((keep & ~view.valid).any())
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("fastgen", {"recent_window": -1}, r"recent_window=-1 is invalid: allowed values are integers from 0 to 1024"),
+    ("fastgen", {"recent_window": 0.3}, r"recent_window=0.3 is invalid: allowed values are integers"),
+    ("fastgen", {"decode_protect": 5000}, r"decode_protect=5000 is invalid: allowed values are integers from 0"),
+    ("fastgen", {"decode_protect": True}, r"decode_protect=True is invalid"),
+    ("fastgen-paper", {"recent_window": 8},
+     r"recent_window=8 is invalid for kv_policy='fastgen-paper': allowed value is 0"),
+    ("fastgen-paper", {"decode_protect": 32}, r"decode_protect=32 is invalid for kv_policy='fastgen-paper'"),
+    ("fastgen-paper", {"recovery_ratio": 2}, r"recovery_ratio=2"),
+])
+def test_bad_variant_values_are_named(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_policy(name, **kwargs)
+
+
+def test_fastgen_paper_is_fastgen_without_young_tokens():
+    paper = make_policy("fastgen-paper", recovery_ratio=0.9)
+    assert isinstance(paper, FastGen) and paper.name == "fastgen-paper"
+    assert (paper.recent_window, paper.decode_protect) == (0, 0)
+    assert (paper.local_ratio, paper.frequent_ratio) == (0.3, 0.3) and paper.chooses_per_head
+    view = decode_view(prompt_len=60, seq_len=100)
+    for rung in range(len(FASTGEN_LADDER)):
+        choice = torch.full((3,), rung)
+        assert torch.equal(paper.keep_mask(view, choice),
+                           FastGen(recovery_ratio=0.9, recent_window=0, decode_protect=0).keep_mask(view, choice))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vllm_adaptive_kv.core.layout import FLAG_PUNCT, FLAG_SPECIAL
-from vllm_adaptive_kv.core.policies import FASTGEN_LADDER, FastGen
+from vllm_adaptive_kv.core.policies import FASTGEN_LADDER, FastGen, FastGenPaper
 from vllm_adaptive_kv.core.profiler import FastGenProfiler, prompt_view, window_statistics
 
 
@@ -40,6 +40,7 @@ def brute_rung_keep(rung: str, i: int, scores_upto_i: list[float], flags: torch.
     if rung == "full":
         return set(keys)
     keep = {j for j in keys if flags[j] & FLAG_SPECIAL}
+    keep |= {j for j in keys if j >= length - policy.recent_window}  # not in the paper; 0 there
     if "punct" in rung:
         keep |= {j for j in keys if flags[j] & FLAG_PUNCT}
     if "frequent" in rung:
@@ -89,22 +90,24 @@ def brute_choice(recovered: torch.Tensor, threshold: float) -> list[int]:
 # --- tests ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("recent", [0, 3])
 @pytest.mark.parametrize("seed, heads, group, n, threshold", [(0, 3, 3, 12, 0.6), (1, 2, 1, 17, 0.8), (2, 2, 4, 9, 0.5), (3, 4, 2, 14, 0.95)])
-def test_full_map_mode_matches_brute_force(seed, heads, group, n, threshold):
+def test_full_map_mode_matches_brute_force(seed, heads, group, n, threshold, recent):
     attn = random_maps(seed, heads, group, n)
     flags = random_flags(seed, n)
-    policy = FastGen(recovery_ratio=threshold, local_ratio=0.3, frequent_ratio=0.3)
+    policy = FastGen(recovery_ratio=threshold, local_ratio=0.3, frequent_ratio=0.3, recent_window=recent)
     profile = FastGenProfiler(policy).profile_full_map(attn, flags)
     want_recovered, want_choice = brute_full_map(attn, flags, policy)
     torch.testing.assert_close(profile.recovered.double(), want_recovered, atol=1e-5, rtol=0)
     assert profile.choice.tolist() == want_choice
 
 
+@pytest.mark.parametrize("recent", [0, 4])
 @pytest.mark.parametrize("seed, heads, group, n, window, threshold", [(4, 3, 3, 20, 6, 0.7), (5, 2, 8, 16, 16, 0.9), (6, 3, 1, 25, 1, 0.5)])
-def test_window_mode_matches_brute_force(seed, heads, group, n, window, threshold):
+def test_window_mode_matches_brute_force(seed, heads, group, n, window, threshold, recent):
     attn = random_maps(seed, heads, group, n)
     flags = random_flags(seed, n)
-    policy = FastGen(recovery_ratio=threshold)
+    policy = FastGen(recovery_ratio=threshold, recent_window=recent, decode_protect=8)  # nothing generated yet
     colsum, rows = window_statistics(attn, window)
     profile = FastGenProfiler(policy).profile_window(prompt_view(flags, colsum.float()), colsum, rows)
     want_recovered, want_choice = brute_window(attn, flags, policy, window)
@@ -134,7 +137,7 @@ def structured_maps(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_structured_heads_get_their_known_policy_exact_mode():
     attn, flags = structured_maps()
-    profile = FastGenProfiler(FastGen(recovery_ratio=0.95)).profile_full_map(attn, flags)
+    profile = FastGenProfiler(FastGenPaper(recovery_ratio=0.95)).profile_full_map(attn, flags)
     assert profile.policy_names() == ["special", "special+punct", "special+punct+frequent+local"]
 
 
@@ -142,11 +145,11 @@ def test_structured_heads_get_their_known_policy_window_mode():
     """In window mode frequent scores come from the window itself, so a narrow
     local band is captured by ``frequent`` unless its budget is tiny."""
     attn, flags = structured_maps()
-    policy = FastGen(recovery_ratio=0.95, frequent_ratio=0.0)
+    policy = FastGenPaper(recovery_ratio=0.95, frequent_ratio=0.0)
     colsum, rows = window_statistics(attn, 16)
     profile = FastGenProfiler(policy).profile_window(prompt_view(flags, colsum.float()), colsum, rows)
     assert profile.policy_names() == ["special", "special+punct", "special+punct+frequent+local"]
-    default = FastGen(recovery_ratio=0.95)
+    default = FastGenPaper(recovery_ratio=0.95)
     profile = FastGenProfiler(default).profile_window(prompt_view(flags, colsum.float()), colsum, rows)
     assert profile.policy_names()[2] == "special+punct+frequent"
 
@@ -171,7 +174,7 @@ def test_gqa_decision_uses_the_mean_of_the_group():
 
 def test_profile_keep_mask_is_the_chosen_rung_at_the_prompt_end():
     attn, flags = structured_maps()
-    profile = FastGenProfiler(FastGen(recovery_ratio=0.95)).profile_full_map(attn, flags)
+    profile = FastGenProfiler(FastGenPaper(recovery_ratio=0.95)).profile_full_map(attn, flags)
     assert profile.keep[0].nonzero().flatten().tolist() == [0]
     assert profile.keep[1].nonzero().flatten().tolist() == [0] + list(range(8, 64, 8))
 

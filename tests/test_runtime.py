@@ -347,3 +347,55 @@ def test_every_step_is_checked_against_the_free_stack(ops, num_pages, policy):
         rt.cache.audit()
     rt.release(live)
     assert int(rt.cache.num_free) == num_pages and rt._free_floor <= num_pages
+
+
+def kept_positions(rt, row, layer, head):
+    n = int(rt.cache.lens[row, layer, head])
+    pages = rt.cache.table[row, layer, head, : math.ceil(n / BS)].long()
+    return rt.pool.slot_pos[pages].reshape(-1)[:n].tolist()
+
+
+def test_fastgen_young_tokens_survive_decode_eviction():
+    """FastGen's variants inside the runtime: with every list on special+punct+frequent,
+    decode_protect keeps each generated token until decode_protect later tokens exist, and
+    recent_window keeps the last positions (prompt ones too); the paper's policy keeps
+    neither, so it holds fewer tokens. The runtime passes each request's prompt length.
+    Torch path only: keep masks do not depend on the attention path (the interpreted
+    Triton path takes ~70 s for these 32 decode steps)."""
+    rt, model = make_runtime("fastgen", recovery_ratio=0.5), FakeModel(6)
+    configs = {
+        "paper": parse_policy_config({"kv_policy": "fastgen-paper", "recovery_ratio": 0.5}),
+        "protect": parse_policy_config({"kv_policy": "fastgen", "recovery_ratio": 0.5, "decode_protect": BS,
+                                        "recent_window": 0}),
+        "recent": parse_policy_config({"kv_policy": "fastgen", "recovery_ratio": 0.5, "recent_window": 5,
+                                       "decode_protect": 0}),
+    }
+    reqs = list(configs)
+    for req, config in configs.items():
+        rt.add(req, prompt_len=40, config=config)
+    run_step(rt, model, reqs, [40] * 3, [0] * 3, check=False)  # every prompt ends: profiled
+    frequent = FastGen.ladder.index("special+punct+frequent")
+    for req in reqs:
+        row = rt.rows[req]
+        rt.choice[row] = frequent
+        needed = FastGen().scores_needed(rt.choice[row])
+        rt.score_lists[row], rt.state[row].score_heads = needed, needed.cpu()
+    for i in range(2 * BS):  # two decode evictions: at 56 and at 72 tokens
+        run_step(rt, model, reqs, [1] * 3, [40 + i] * 3, check=False)
+        rt.cache.audit()
+    seq = 40 + 2 * BS
+    held = {}
+    for req in reqs:
+        row = rt.rows[req]
+        held[req] = 0
+        for layer in range(L):
+            for head in range(H):
+                kept = set(kept_positions(rt, row, layer, head))
+                held[req] += len(kept)
+                if req == "protect":
+                    assert set(range(seq - BS, seq)) <= kept, (layer, head)
+                if req == "recent":
+                    assert set(range(seq - 5, seq)) <= kept, (layer, head)
+    assert held["paper"] < held["protect"] and held["paper"] < held["recent"]
+    rt.release(reqs)
+    assert rt.pages_in_use() == 0

@@ -35,6 +35,7 @@ def test_policies_declare_whether_they_score():
     from vllm_adaptive_kv.core.policies import POLICY_NAMES, FastGen, make_policy
 
     needs = {name: make_policy(name).needs_scores for name in POLICY_NAMES}
-    assert needs == {"full": False, "fastgen": True, "streamingllm": False, "h2o": True, "snapkv": True}
+    assert needs == {"full": False, "fastgen": True, "streamingllm": False, "h2o": True, "snapkv": True,
+                     "fastgen-paper": True}
     choice = torch.arange(len(FastGen.ladder))
     assert FastGen().scores_needed(choice).tolist() == ["frequent" in rung for rung in FastGen.ladder]

@@ -6,11 +6,15 @@ Keys (all optional except ``kv_policy``):
 key                 meaning                                    default
 =================== ========================================== ============
 kv_policy           full | fastgen | streamingllm | h2o |      (required)
-                    snapkv
+                    snapkv | fastgen-paper
 recovery_ratio      fastgen: attention mass T a head's policy  0.95
                     must recover
 local_ratio         fastgen: local window, fraction of length  0.3
 frequent_ratio      fastgen: frequent tokens, fraction         0.3
+recent_window       fastgen: last tokens every compressed rung see policies.py
+                    keeps (not in the paper; 0 = off)
+decode_protect      fastgen: generated tokens kept until this  see policies.py
+                    many later tokens exist (0 = off)
 budget_ratio        baselines: KV kept, fraction of length     0.5
 sink_tokens         streamingllm: attention sinks kept         4
 recent_fraction     h2o: share of the budget for recent tokens 0.5
@@ -20,7 +24,8 @@ observation_window  profiling: last W prompt queries used      64
 =================== ========================================== ============
 
 A key that does not apply to the chosen policy is an error, so a typo never
-silently falls back to a default.
+silently falls back to a default. ``fastgen-paper`` takes fastgen's keys, with
+``recent_window`` and ``decode_protect`` fixed at 0 (the paper's FastGen).
 
 The same keys travel through vLLM's ``additional_config`` (server default, stored
 in ``KVPolicyConfig.to_dict()`` form) and ``SamplingParams.extra_args`` (per-request

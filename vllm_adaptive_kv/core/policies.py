@@ -19,6 +19,17 @@ FastGen's hybrids are unions, tried in the greedy order of ``FASTGEN_LADDER``::
     4 full
 
 A per-head choice is an index into that ladder (see ``FastGen.keep_mask``).
+
+Beyond the paper, every compressed rung of ``FastGen`` may also keep two sets of
+young tokens (both counted in the memory the head holds):
+
+- ``recent_window``: the last ``recent_window`` positions of the sequence, prompt
+  or generated (a fixed minimum local window, in tokens, not a ratio);
+- ``decode_protect``: tokens generated after the prompt stay until
+  ``decode_protect`` later tokens exist, so a new token is not judged by the
+  attention it has had no time to gather (``SlotView.prompt_len``).
+
+``fastgen-paper`` (``FastGenPaper``) is FastGen with both at 0: the paper's policy.
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ class SlotView:
     scores    [H, N] float   accumulated attention (or observation-window scores)
     lengths   [H]    int     valid slots per list; slots >= length are padding
     seq_len   [H]    int     current sequence length (>= positions of valid slots + 1)
+    prompt_len [H]   int     prompt length of each list's request; positions >= it were
+                             generated. None: no generated token (``seq_len``).
     """
 
     flags: torch.Tensor
@@ -48,6 +61,7 @@ class SlotView:
     scores: torch.Tensor
     lengths: torch.Tensor
     seq_len: torch.Tensor
+    prompt_len: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = self.flags.shape
@@ -58,9 +72,15 @@ class SlotView:
                 raise ValueError(
                     f"{name} shape {tuple(getattr(self, name).shape)} != flags shape {tuple(shape)}"
                 )
-        for name in ("lengths", "seq_len"):
-            if getattr(self, name).shape != shape[:1]:
+        for name in ("lengths", "seq_len", "prompt_len"):
+            if getattr(self, name) is not None and getattr(self, name).shape != shape[:1]:
                 raise ValueError(f"{name} must be [H]={shape[0]}, got {tuple(getattr(self, name).shape)}")
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """[H, N] bool: slots holding tokens generated after the prompt."""
+        start = self.seq_len if self.prompt_len is None else self.prompt_len
+        return self.positions >= start[:, None]
 
     @property
     def valid(self) -> torch.Tensor:
@@ -97,6 +117,11 @@ def recent_mask(positions: torch.Tensor, seq_len: torch.Tensor, window: torch.Te
 
 def flag_mask(flags: torch.Tensor, bit: int) -> torch.Tensor:
     return (flags & bit) != 0
+
+
+def _check_tokens(name: str, value: int, limit: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise ValueError(f"{name}={value!r} is invalid: allowed values are integers from 0 to {limit} (tokens)")
 
 
 def _check_ratio(name: str, value: float, *, allow_zero: bool = True) -> None:
@@ -217,17 +242,26 @@ FASTGEN_LADDER = (
 )
 
 
+# Upper bound of the young-token windows, in tokens: a few pages of 32 at most, so a
+# typo (a ratio such as 0.3, a length such as 3000) is named instead of keeping everything.
+MAX_YOUNG_TOKENS = 1024
+
+
 @dataclass(frozen=True)
 class FastGen:
     """FastGen's hybrids; each head keeps the hybrid its profile chose.
 
     ``recovery_ratio`` (T) is the attention mass a chosen hybrid must recover;
-    it is used by the profiler, not here.
+    it is used by the profiler, not here. ``recent_window`` and ``decode_protect``
+    (tokens, see the module docstring) add young tokens to every rung but ``full``;
+    the profiler judges the rungs with them, so they also shape each head's choice.
     """
 
     recovery_ratio: float = 0.95
     local_ratio: float = 0.3
     frequent_ratio: float = 0.3
+    recent_window: int = 0
+    decode_protect: int = 0
     name: ClassVar[str] = "fastgen"
     ladder: ClassVar[tuple[str, ...]] = FASTGEN_LADDER
     needs_scores: ClassVar[bool] = True  # profiling reads the window's scores; frequent rungs keep adding
@@ -237,14 +271,27 @@ class FastGen:
         _check_ratio("recovery_ratio", self.recovery_ratio, allow_zero=False)
         _check_ratio("local_ratio", self.local_ratio)
         _check_ratio("frequent_ratio", self.frequent_ratio)
+        _check_tokens("recent_window", self.recent_window, MAX_YOUNG_TOKENS)
+        _check_tokens("decode_protect", self.decode_protect, MAX_YOUNG_TOKENS)
+
+    def young_mask(self, view: SlotView) -> torch.Tensor:
+        """[H, N] bool: the young tokens every compressed rung keeps (none for the paper's)."""
+        young = torch.zeros_like(view.valid)
+        if self.recent_window:
+            window = torch.full_like(view.seq_len, self.recent_window)
+            young |= recent_mask(view.positions, view.seq_len, window)
+        if self.decode_protect:
+            window = torch.full_like(view.seq_len, self.decode_protect)
+            young |= view.generated & recent_mask(view.positions, view.seq_len, window)
+        return view.valid & young
 
     def candidate_masks(self, view: SlotView) -> torch.Tensor:
         """Keep masks of every hybrid of the ladder: ``[C=5, H, N]`` bool.
 
         Each rung is a superset of the previous one, so the rung masks are
-        cumulative ORs of the component masks.
+        cumulative ORs of the component masks (the young tokens in the first).
         """
-        special = SpecialTokens().keep_mask(view)
+        special = SpecialTokens().keep_mask(view) | self.young_mask(view)
         punct = Punctuation().keep_mask(view)
         frequent = Frequent(self.frequent_ratio).keep_mask(view)
         local = Local(self.local_ratio).keep_mask(view)
@@ -267,6 +314,26 @@ class FastGen:
         scored = torch.tensor([i for i, name in enumerate(self.ladder) if "frequent" in name],
                               device=choice.device)
         return torch.isin(choice, scored)
+
+
+@dataclass(frozen=True)
+class FastGenPaper(FastGen):
+    """The paper's FastGen (Ge et al., ICLR 2024) as a named setting: no young tokens.
+
+    Same hyperparameters as ``fastgen``; ``recent_window`` and ``decode_protect``
+    exist only to say so and must stay 0.
+    """
+
+    recent_window: int = 0
+    decode_protect: int = 0
+    name: ClassVar[str] = "fastgen-paper"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("recent_window", "decode_protect"):
+            if getattr(self, key):
+                raise ValueError(f"{key}={getattr(self, key)!r} is invalid for kv_policy='fastgen-paper': allowed "
+                                 f"value is 0 (the paper keeps no young tokens; kv_policy='fastgen' takes {key})")
 
 
 # --- baselines at a fixed KV budget -----------------------------------------
@@ -353,7 +420,7 @@ def max_pool_slots(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     return pooled[:, 0, :]
 
 
-POLICY_NAMES = ("full", "fastgen", "streamingllm", "h2o", "snapkv")
+POLICY_NAMES = ("full", "fastgen", "streamingllm", "h2o", "snapkv", "fastgen-paper")
 
 _POLICY_CLASSES = {
     "full": Full,
@@ -361,6 +428,7 @@ _POLICY_CLASSES = {
     "streamingllm": StreamingLLM,
     "h2o": H2O,
     "snapkv": SnapKV,
+    "fastgen-paper": FastGenPaper,
 }
 
 

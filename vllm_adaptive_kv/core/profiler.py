@@ -27,7 +27,8 @@ Two modes:
 - exact (``profile_full_map``): every prompt query row ``i`` is judged with the
   keep set the hybrid would have if the sequence ended at ``i`` (local window
   ``ceil(r_l (i+1))`` back from ``i``; frequent = top ``ceil(r_f (i+1))`` by
-  attention accumulated over rows ``<= i``). Needs the full ``[N, N]`` map, so it
+  attention accumulated over rows ``<= i``; FastGen's ``recent_window`` keeps the
+  last ``recent_window`` tokens up to ``i`` in every compressed rung). Needs the full ``[N, N]`` map, so it
   is for short prompts, tests and analysis.
 """
 
@@ -125,6 +126,10 @@ class FastGenProfiler:
         frequent = top_k_mask(
             accumulated.reshape(num_heads * n, n), k, causal.repeat(num_heads, 1)
         ).reshape(num_heads, n, n)
+        # FastGen's recent_window (not in the paper): the last tokens up to row i; no
+        # token of a prompt is generated, so decode_protect keeps nothing here.
+        recent = causal & (rows[None, :] >= (cur_len - self.policy.recent_window)[:, None])
+        special = special | (recent if self.policy.recent_window else torch.zeros_like(recent))
         base = (special | punct)[None].expand(num_heads, n, n)
         rungs = [
             special[None].expand(num_heads, n, n),

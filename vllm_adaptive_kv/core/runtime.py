@@ -349,7 +349,8 @@ class HeadCacheRuntime:
     def _evict_group(self, config: KVPolicyConfig, rows: list[int], at_prompt_end: bool) -> None:
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.cache.device)
         num_slots = max(self.state[r].tokens for r in rows)
-        view = self._slot_view(rows_t, [self.state[r].tokens for r in rows], num_slots)
+        view = self._slot_view(rows_t, [self.state[r].tokens for r in rows], num_slots,
+                               [self.state[r].prompt_len for r in rows])
         keep = self._keep_mask(config, rows, rows_t, view, at_prompt_end)
         before = self.cache.lens[rows_t].to(torch.int64).sum()
         plan = self.cache.plan_compaction(rows_t, keep.view(len(rows), self.num_layers,
@@ -394,7 +395,8 @@ class HeadCacheRuntime:
         while len(self.head_policies) > PROFILE_HISTORY:
             self.head_policies.popitem(last=False)
 
-    def _slot_view(self, rows_t: torch.Tensor, tokens: list[int], num_slots: int) -> SlotView:
+    def _slot_view(self, rows_t: torch.Tensor, tokens: list[int], num_slots: int,
+                   prompt_lens: list[int] | None = None) -> SlotView:
         """SlotView of every list of ``rows_t``, flattened (row, layer, head), N = num_slots."""
         bs, pool = self.block_size, self.pool
         logical = torch.arange(num_slots, device=rows_t.device)
@@ -409,6 +411,8 @@ class HeadCacheRuntime:
             scores=pool.slot_score[page, offset].reshape(-1, num_slots),
             lengths=self.cache.lens[rows_t].reshape(-1).to(torch.int64),
             seq_len=seq_len.repeat_interleave(per_row),
+            prompt_len=None if prompt_lens is None else torch.tensor(
+                prompt_lens, dtype=torch.int64, device=rows_t.device).repeat_interleave(per_row),
         )
 
     # --- checks -------------------------------------------------------------------------
