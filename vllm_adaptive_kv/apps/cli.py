@@ -9,8 +9,9 @@
     vllm-adaptive-kv bench [ARGS...]                          vllm_adaptive_kv.apps.bench.main(ARGS)
     vllm-adaptive-kv overhead [ARGS...]                       vllm_adaptive_kv.apps.overhead.main(ARGS)
     vllm-adaptive-kv selfcheck [--model M]                    vllm_adaptive_kv.apps.selfcheck.main(ARGS)
+    vllm-adaptive-kv doctor [--fix]                           vllm_adaptive_kv.apps.doctor.main(ARGS)
 
-Commands that live in their own module (demos, eval, bench, overhead, selfcheck) are listed in
+Commands that live in their own module (demos, eval, bench, overhead, selfcheck, doctor) are listed in
 ``DELEGATES``: each gets the rest of the command line as ``module.main(argv)``.
 """
 
@@ -28,6 +29,8 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "eval": ("vllm_adaptive_kv.apps.eval", "quality vs KV kept: passkey, needle QA and chat fidelity over policies"),
     "bench": ("vllm_adaptive_kv.apps.bench", "serving throughput at a fixed KV budget: vanilla vLLM vs the plugin"),
     "overhead": ("vllm_adaptive_kv.apps.overhead", "per-step cost of our bookkeeping and eviction at 16/64/256 running"),
+    "doctor": ("vllm_adaptive_kv.apps.doctor", "is this environment ready for the plugin? one line per finding "
+               "with its fix; --fix applies the safe ones"),
     "selfcheck": ("vllm_adaptive_kv.apps.selfcheck", "does the plugin work here? vanilla vs full token for token, "
                   "fastgen frees pages; last line passed/FAILED"),
 }
