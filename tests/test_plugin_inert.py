@@ -80,7 +80,7 @@ def test_without_policy_from_cli_args_returns_vllms_engine_args(hooks, monkeypat
 
 # --- `vllm serve` with and without the plugin ---------------------------------------------------
 
-# Small, so two servers fit beside each other: ~25 s to start here, a few seconds of requests.
+# Small, so two servers fit beside each other.
 SERVE_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes", str(32 << 20),
                "--max-num-seqs", "4", "--enforce-eager", "--served-model-name", "smollm2"]
 START_S = 900
@@ -172,13 +172,17 @@ def served(smollm2_dir, tmp_path_factory):
 
 
 @pytest.mark.engine
-@pytest.mark.timeout(1800)  # two servers and 34 completions: ~70 s here, sized for a machine ~10x slower
+# Two servers, 9 requests each (276 completion tokens): 340-383 s here on 2 cores shared
+# with other test runs (load ~20); an idle machine needs a fraction of that, one ~10x
+# slower about this much.
+@pytest.mark.timeout(1800)
 def test_vanilla_serve_is_the_same_with_the_plugin_loaded(served):
     with_plugin, without = served["with"]["answers"], served["without"]["answers"]
-    print(f"inert serve: {served['timing']}")
+    tokens = sum(len(a.get("token_ids", ())) for a in with_plugin)
+    print(f"inert serve: {len(with_plugin)} answers, {tokens} completion tokens compared, {served['timing']}")
     assert len(with_plugin) == len(without) == len(PROMPTS) * 3 + 1
     for ours, theirs in zip(with_plugin, without):
         assert ours == theirs, f"with the plugin loaded: {ours}\nwithout it: {theirs}"
-    assert sum(len(a.get("token_ids", ())) for a in with_plugin) >= 200  # tokens really compared
+    assert tokens >= 200  # tokens really compared
     # No policy, so no connector: none of the plugin's metrics exist.
     assert "vllm_adaptive_kv:" not in served["with"]["metrics"]
