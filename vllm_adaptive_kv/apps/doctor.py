@@ -312,8 +312,8 @@ def check_device(facts: Facts) -> Finding:
                        f"{facts.probe.get('torch_cuda')}); attention path: the plugin's Triton kernels "
                        "(vLLM's CUSTOM attention backend, PIECEWISE CUDA graphs)")
     if "torch" not in facts.probe.get("imports", {}) or import_error(facts, "torch"):
-        return Finding("device", FAIL, f"torch does not import: {import_error(facts, 'torch') or facts.probe.get('error')}",
-                       "reinstall the torch your vLLM pins")
+        why = import_error(facts, "torch") or facts.probe.get("error")
+        return Finding("device", FAIL, f"torch does not import: {why}", "reinstall the torch your vLLM pins")
     return cpu_attention_finding(facts, f"cpu: {cpu_name()}")
 
 
