@@ -272,9 +272,9 @@ class FakeTokenizer:
 
 def test_smaller_suite_holds_the_full_suites_prompts():
     tok = FakeTokenizer()
-    full = ev.build_suite(tok, ev.FULL_SIZE, ev.TASKS)
-    six = ev.build_suite(tok, ev.FULL_SIZE.with_prompts(6), ev.TASKS)
-    for task in ev.TASKS:
+    full = ev.build_suite(tok, ev.FULL_SIZE, ev.CORE_TASKS)
+    six = ev.build_suite(tok, ev.FULL_SIZE.with_prompts(6), ev.CORE_TASKS)
+    for task in ev.CORE_TASKS:
         assert len(full[task]) == 16 and len(six[task]) == 6
         full_texts = [item.text for item in full[task]]
         assert all(item.text in full_texts for item in six[task]), task  # same seeds, same prompts
@@ -309,8 +309,10 @@ def test_second_models_tokenizer_and_template_build_a_fitting_suite():
 
     tok = AutoTokenizer.from_pretrained(str(qwen_dir()))
     size = ev.FULL_SIZE.with_prompts(6)
-    suite = ev.build_suite(tok, size, ev.TASKS)
+    suite = ev.build_suite(tok, size, ev.CORE_TASKS)
     assert {task: len(items) for task, items in suite.items()} == {"passkey": 6, "needle": 6, "chat": 6}
+    ruler = ev.build_suite(tok, ev.FULL_SIZE.with_prompts(1), ev.RULER_TASKS)  # answer prefixes end these
+    ev.check_fits(ruler, ev.FULL_SIZE, ev.MAX_MODEL_LEN, lambda t: len(tok(t).input_ids))
     for items in suite.values():
         assert all(item.text.startswith("<|im_start|>system") and item.text.endswith("<|im_start|>assistant\n")
                    for item in items)
@@ -401,3 +403,119 @@ def test_cli_delegates_eval_and_keeps_its_errors(capsys):
     assert exc.value.code == 2
     assert "'summaries' is invalid: allowed values are comma-separated names from passkey, needle, chat" \
         in capsys.readouterr().err
+
+
+# --- FastGen variants, RULER tasks and kvpress rows (no engine, no kvpress venv) --------------
+
+
+def test_variants_name_their_settings_and_bad_values():
+    assert ev.fastgen_setting(0.95).label == "fastgen T=0.95"
+    paper = ev.fastgen_setting(0.9, "paper")
+    assert paper.label == "fastgen-paper T=0.90" and paper.extra_args == {"kv_policy": "fastgen-paper",
+                                                                          "recovery_ratio": 0.9}
+    window = ev.fastgen_setting(0.95, "recent_window=32+decode_protect=16")
+    assert window.label == "fastgen[recent_window=32,decode_protect=16] T=0.95"
+    assert window.extra_args == {"kv_policy": "fastgen", "recent_window": 32, "decode_protect": 16,
+                                 "recovery_ratio": 0.95}
+    for bad, message in [("recent_window=-1", "recent_window=-1 is invalid"),
+                         ("recent_windows=8", "unknown hyperparameter.*recent_windows"),
+                         ("recent_window", "allowed values are default, paper or key=value"),
+                         ("recovery_ratio=0.9", "set by --recovery-ratios")]:
+        with pytest.raises(ValueError, match=message):
+            ev.parse_variant(bad)
+    parser = ev.build_parser()
+    args = ev.resolve_args(parser.parse_args(["--variants", "paper,default,paper", "--tasks", "ruler,chat"]), parser)
+    assert args.variants == ["paper", "default"] and args.tasks == [*ev.RULER_TASKS, "chat"]
+    assert ev.resolve_args(parser.parse_args(["--quick"]), parser).tasks == list(ev.QUICK_TASKS)
+
+
+def test_ruler_items_score_partial_credit():
+    tok = FakeTokenizer()
+    size = ev.replace(ev.QUICK_SIZE, ruler_tokens=400, ruler_prompts=3)
+    suite = ev.build_suite(tok, size, ("niah_multivalue", "qa"))
+    assert [len(v) for v in suite.values()] == [3, 3]
+    item = suite["niah_multivalue"][0]
+    assert item.text.startswith("<user> ") and item.text.endswith("mentioned in the provided text are")
+    quality, rows = ev.score_answers([item], [" and ".join(item.info["answers"][:2])])
+    assert quality == pytest.approx(50.0) and rows[0]["score"] == 0.5 and rows[0]["correct"] is False
+    assert ev.task_max_tokens("cwe", size) == 120 and ev.task_max_tokens("passkey", size) == size.answer_tokens
+    assert ev.task_metric("qa").endswith("(part) %") and ev.task_metric("vt").endswith("(all) %")
+
+
+def test_press_compression_ends_at_the_kept_fraction():
+    for kept, p, g in [(0.6, 1800, 20), (0.45, 300, 64), (0.9, 40, 64)]:
+        ratio = ev.press_compression(kept, p, g)
+        if 0 < ratio < 0.95:
+            assert ev.press_kept(ratio, p, g) == pytest.approx(kept, abs=1e-3)
+    assert ev.press_compression(0.3, 40, 64) == 0.95  # generated tokens alone exceed the budget: capped
+    assert ev.press_compression(1.0, 500, 10) == 0.0
+
+
+def kvpress_fixture():
+    """A two-task suite, vLLM rows for full and one matched FastGen point, and a driver output."""
+    items = {"passkey": [ev.Item("p0", {"prompt_tokens": 1000, "answer": "12345"}, lambda t: "12345" in t)],
+             "chat": [ev.Item("c0", {"prompt_tokens": 200})]}
+    full = {"label": "full", "kv_policy": "full", "matched_to": None,
+            "tasks": {"passkey": {"kept_fraction": 1.0, "prompts": [{"output_tokens": 10}]},
+                      "chat": {"kept_fraction": 1.0, "prompts": [{"reference_tokens": 4, "output_tokens": 4}]}}}
+    fastgen = {"label": "fastgen T=0.95", "kv_policy": "fastgen", "matched_to": None,
+               "tasks": {"passkey": {"kept_fraction": 0.6}, "chat": {"kept_fraction": 0.7}}}
+    h2o = {"label": "h2o @ fastgen T=0.95", "kv_policy": "h2o", "matched_to": "fastgen T=0.95", "tasks": {}}
+    return items, [full, fastgen, h2o]
+
+
+def test_kvpress_jobs_and_rows_from_a_driver_output():
+    suite, rows = kvpress_fixture()
+    jobs, index = ev.kvpress_jobs("/models/x", suite, ev.QUICK_SIZE, rows, ["snapkv", "adakv_snapkv"], "float32",
+                                  fidelity=True)
+    assert [p["id"] for p in jobs["prompts"]] == ["fastgen T=0.95|passkey|0", "fastgen T=0.95|chat|0"]
+    passkey, chat = jobs["prompts"]
+    assert passkey["compression"]["snapkv"] == ev.press_compression(0.6, 1000, 10) and not passkey["fidelity"]
+    assert chat["fidelity"] and chat["max_tokens"] == ev.QUICK_SIZE.chat_tokens
+    result = lambda job, press, cr, ids, text, **kw: {  # noqa: E731
+        "id": job, "press": press, "compression_ratio": cr, "output_ids": ids, "text": text, "prompt_tokens": 1000,
+        "kept_after_prefill": 1.0 if press in ("none", "adakv_snapkv") else 1 - cr, "seconds": 0.5, **kw}
+    forced = {"nll": 1.0, "kl": 0.0, "forced_agreement": 1.0, "forced_tokens": 4}
+    out = {"versions": {"kvpress": "0.5.5"}, "results": [
+        result("fastgen T=0.95|passkey|0", "none", 0.0, [1], "The key is 12345."),
+        result("fastgen T=0.95|passkey|0", "snapkv", 0.4, [1], "The key is 123."),
+        result("fastgen T=0.95|passkey|0", "adakv_snapkv", 0.4, [1], "12345"),
+        result("fastgen T=0.95|chat|0", "none", 0.0, [5, 6, 7, 8], "a b c d", **forced),
+        result("fastgen T=0.95|chat|0", "snapkv", 0.3, [5, 6, 0, 0], "a b", **{**forced, "nll": 1.5, "kl": 0.2,
+                                                                              "forced_agreement": 0.75}),
+        result("fastgen T=0.95|chat|0", "adakv_snapkv", 0.3, [5, 6, 7, 8], "a b c d", **forced),
+    ]}
+    new = ev.kvpress_rows(out, index, suite, ["snapkv", "adakv_snapkv"])
+    assert [r["label"] for r in new] == ["transformers full (kvpress venv)", "kvpress:snapkv @ fastgen T=0.95",
+                                         "kvpress:adakv_snapkv @ fastgen T=0.95"]
+    ref, snap, ada = new
+    assert ref["tasks"]["passkey"]["quality"] == 100.0 and ref["tasks"]["chat"]["quality"] == 100.0
+    assert snap["tasks"]["passkey"]["quality"] == 0.0 and snap["tasks"]["chat"]["quality"] == 50.0
+    assert snap["tasks"]["chat"]["nll"] == 1.5 and snap["tasks"]["chat"]["forced_agreement"] == 75.0
+    assert snap["tasks"]["passkey"]["kept_fraction"] == pytest.approx(ev.press_kept(0.4, 1000, 1))
+    assert snap["matched_to"] == "fastgen T=0.95" and not snap["masked"] and ada["masked"]
+    assert ada["tasks"]["passkey"]["kept_after_prefill"] == 1.0  # masked: nothing freed
+    results = {"model": "m", "tasks": {"passkey": {}, "chat": {}}, "settings": rows[:1] + new}
+    rows[0]["tasks"] = {t: {"quality": 100.0, "kept_fraction": 1.0, "prompts": [
+        {"first_divergence": None, "correct": True, "prompt_tokens": 1000, "depth": 0.5}]} for t in ("passkey", "chat")}
+    rows[0].update({"params": {}, "mean_quality": 100.0, "mean_kept_fraction": 1.0})
+    table = ev.markdown_table(results)
+    assert "masks keys, frees no memory" in table and "head-wise presses (adakv_*) mask keys" in table
+    assert "| kvpress:snapkv @ fastgen T=0.95 | 1.500 | +50.0% | 0.200 |" not in ev.divergence_table(results)
+    assert "| 75.0 | 1.500 | +50.0% | 0.200 |" in ev.divergence_table(results)  # vs transformers' own full
+
+
+def test_kvpress_driver_and_setup_script_help_run_without_kvpress():
+    import subprocess
+    import sys
+
+    driver = ev.REPO / "vllm_adaptive_kv" / "apps" / "kvpress_driver.py"
+    proc = subprocess.run([sys.executable, str(driver), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "JOBS.json" in proc.stderr
+    assert set(ev.KVPRESS_PRESSES) == set(__import__("runpy").run_path(str(driver))["PRESS_NAMES"])
+    script = ev.REPO / "scripts" / "kvpress_setup.sh"
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "transformers < 5.3" in proc.stdout
+    proc = subprocess.run(["bash", str(script), "--check"], capture_output=True, text=True, timeout=60,
+                          env={"KVPRESS_VENV": "/nonexistent/venv", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1 and "not set up" in proc.stderr

@@ -7,10 +7,21 @@ engine start. Tasks:
 - passkey: a 5-digit key in repetitive filler, several lengths and depths (accuracy);
 - needle:  a one-word fact in prose from Python's documentation (accuracy);
 - chat:    greedy token agreement with the full cache's output, and the first
-           position where the two diverge (fidelity).
+           position where the two diverge (fidelity); and, teacher-forced on the
+           full cache's continuation (``apps/fidelity.py``), the mean per-token NLL,
+           the KL to the full cache's next-token distributions and the top-1
+           agreement, with decode-time eviction in the loop;
+- RULER-style tasks (``apps/ruler.py``, ``--tasks ruler``): needle in a haystack
+           (single, multi-key, multi-value, multi-query), variable tracking, common
+           and frequent words extraction, QA over documentation prose; RULER's
+           string-match scores.
 
-Settings: ``full``; ``fastgen`` at each recovery ratio T; each baseline at the KV
-fraction FastGen kept at each T on the same task (matched memory). The kept
+Settings: ``full``; ``fastgen`` at each recovery ratio T, for each variant of
+``--variants`` (``default``, ``paper`` = ``fastgen-paper``, or hyperparameters such as
+``recent_window=32+decode_protect=32``); each baseline at the KV fraction the first
+variant kept at each T on the same task (matched memory); with ``--kvpress``, NVIDIA
+kvpress's presses through Hugging Face transformers in their own venv
+(``apps/kvpress_driver.py``) at the same fractions. The kept
 fraction of a setting is read from the plugin's ``vllm_adaptive_kv:kept_fraction``
 histogram (KV tokens held at each request's end over what the full cache holds,
 summed over layers and KV heads; mean over requests).
@@ -39,11 +50,21 @@ from typing import Any, Callable
 
 from ..core.policies import FASTGEN_LADDER
 from .common import metrics_delta, registry_metrics, token_counter
+from .ruler import ANSWER_TOKENS, RULER_TASKS
 
-TASKS = ("passkey", "needle", "chat")
+CORE_TASKS = ("passkey", "needle", "chat")
+TASKS = CORE_TASKS + RULER_TASKS
+TASK_GROUPS = {"ruler": RULER_TASKS}  # --tasks shorthands
 BASELINES = ("streamingllm", "h2o", "snapkv")
 PROMPT_TYPES = ("passkey", "natural text", "chat", "code")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chat's teacher-forced nll/kl, RULER tasks, fastgen variants, kvpress rows
+READABLE_SCHEMAS = (1, 2)
+# kvpress presses `--kvpress` can run (apps/kvpress_driver.py PRESS_NAMES), and those that are
+# head-wise: they mask keys with fake ones and free no memory (kvpress's own documentation).
+KVPRESS_PRESSES = ("snapkv", "streamingllm", "expected_attention", "tova", "kvzip", "knorm",
+                   "adakv_snapkv", "adakv_expected_attention")
+KVPRESS_MASKED = ("adakv_snapkv", "adakv_expected_attention")
+REPO = Path(__file__).resolve().parents[2]
 KEPT = "vllm_adaptive_kv:kept_fraction"
 HEAD_POLICY = "vllm_adaptive_kv:head_policy_total"
 MAX_MODEL_LEN = 2048
@@ -70,6 +91,8 @@ class SuiteSize:
     chat_tokens: int  # chat output tokens (fidelity is measured over these)
     map_tokens: int  # prompt length of the policy-map prompts
     prompts: int | None = None  # prompts per task (None: every prompt the sizes above give)
+    ruler_tokens: int = 1800  # target prompt tokens of the RULER tasks (answer tokens come on top)
+    ruler_prompts: int = 8  # prompts per RULER task when ``prompts`` is None
 
     @property
     def max_prompts(self) -> int:
@@ -89,7 +112,17 @@ FULL_SIZE = SuiteSize(lengths=(500, 1000, 1500, 1900), depths=(0.2, 0.4, 0.6, 0.
                       doc_lengths=(300, 500, 700, 900, 1100, 1300, 1500, 1700), answer_tokens=20, chat_tokens=64,
                       map_tokens=800)
 QUICK_SIZE = SuiteSize(lengths=(300,), depths=(0.2, 0.8), chat_questions=1, doc_lengths=(300,),
-                       answer_tokens=12, chat_tokens=16, map_tokens=300)
+                       answer_tokens=12, chat_tokens=16, map_tokens=300, ruler_tokens=300, ruler_prompts=2)
+QUICK_TASKS = ("passkey", "needle", "chat", "niah_multikey")  # the CI smoke run: one RULER task
+
+
+def task_max_tokens(task: str, size: SuiteSize) -> int:
+    """Output tokens of one prompt of ``task``."""
+    if task == "chat":
+        return size.chat_tokens
+    if task in RULER_TASKS:
+        return ANSWER_TOKENS[task]
+    return size.answer_tokens
 
 
 def spread_order(count: int) -> list[int]:
@@ -151,6 +184,7 @@ class Item:
     text: str
     info: dict  # JSON-ready facts about the prompt (length, depth, answer)
     is_correct: Callable[[str], bool] | None = None  # None for fidelity prompts
+    score: Callable[[str], float] | None = None  # partial credit in [0, 1] (RULER); else is_correct
 
 
 @dataclass(frozen=True)
@@ -165,8 +199,40 @@ class Setting:
         return {"kv_policy": self.kv_policy, **self.params}
 
 
-def fastgen_setting(recovery_ratio: float) -> Setting:
-    return Setting(f"fastgen T={recovery_ratio:.2f}", "fastgen", {"recovery_ratio": recovery_ratio})
+def parse_variant(spec: str) -> tuple[str, dict, str]:
+    """A FastGen variant: ``default`` (fastgen's defaults), ``paper`` (``fastgen-paper``) or
+    ``key=value+key=value`` (fastgen with these hyperparameters, e.g. ``recent_window=32``).
+
+    Returns (kv_policy, params, family label); ValueError naming a bad key or value.
+    """
+    from ..core.policies import make_policy
+
+    if spec == "default":
+        return "fastgen", {}, "fastgen"
+    if spec == "paper":
+        return "fastgen-paper", {}, "fastgen-paper"
+    params = {}
+    for part in spec.split("+"):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"variant {spec!r} is invalid: allowed values are default, paper or "
+                             "key=value pairs joined by '+' (e.g. recent_window=32+decode_protect=32)")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            try:
+                params[key] = float(value)
+            except ValueError:
+                raise ValueError(f"variant {spec!r}: {key}={value!r} is not a number") from None
+    if "recovery_ratio" in params:
+        raise ValueError(f"variant {spec!r}: recovery_ratio is set by --recovery-ratios, not by a variant")
+    make_policy("fastgen", **params)  # names a bad key or value
+    return "fastgen", params, "fastgen[" + ",".join(f"{k}={v}" for k, v in params.items()) + "]"
+
+
+def fastgen_setting(recovery_ratio: float, variant: str = "default") -> Setting:
+    policy, params, family = parse_variant(variant)
+    return Setting(f"{family} T={recovery_ratio:.2f}", policy, {**params, "recovery_ratio": recovery_ratio})
 
 
 def matched_budget(kept_fraction: float) -> float:
@@ -215,11 +281,17 @@ def accuracy_percent(correct: list[bool]) -> float:
     return 100.0 * sum(correct) / len(correct) if correct else 0.0
 
 
+def item_score(item: Item, text: str) -> float:
+    """The prompt's score in [0, 1]: its partial-credit scorer (RULER), else right or wrong."""
+    return float(item.score(text)) if item.score is not None else float(bool(item.is_correct(text)))
+
+
 def score_answers(items: list[Item], texts: list[str]) -> tuple[float, list[dict]]:
-    """Retrieval accuracy in percent and per-prompt records."""
-    correct = [bool(item.is_correct(text)) for item, text in zip(items, texts)]
-    rows = [{**item.info, "correct": ok, "output": text} for item, text, ok in zip(items, texts, correct)]
-    return accuracy_percent(correct), rows
+    """Mean score in percent (accuracy for right-or-wrong tasks) and per-prompt records."""
+    scores = [item_score(item, text) for item, text in zip(items, texts)]
+    rows = [{**item.info, "score": sc, "correct": sc == 1.0, "output": text}
+            for item, text, sc in zip(items, texts, scores)]
+    return (100.0 * sum(scores) / len(scores) if scores else 0.0), rows
 
 
 def score_fidelity(items: list[Item], reference: list[list[int]], outputs: list[list[int]]) -> tuple[float, list[dict]]:
@@ -244,7 +316,7 @@ def choose_recovery_ratio(settings: list[dict], max_loss: float, tasks: tuple[st
     """
     full = next(s for s in settings if s["kv_policy"] == "full")
     full_quality = mean_over(full, "quality", tasks)
-    candidates = [s for s in settings if s["kv_policy"] == "fastgen"
+    candidates = [s for s in settings if s["kv_policy"] in ("fastgen", "fastgen-paper")
                   and full_quality - mean_over(s, "quality", tasks) <= max_loss]
     if not candidates:
         return None
@@ -347,6 +419,24 @@ def map_prompts(tokenizer, size: SuiteSize, paragraphs: list[str]) -> dict[str, 
     }
 
 
+def ruler_items(tokenizer, size: SuiteSize, task: str, paragraphs: list[str]) -> list[Item]:
+    """RULER prompts of ``task`` (``apps/ruler.py``): the template as the user turn, the answer
+    prefix starting the assistant's turn; ``size.prompts`` (or ``ruler_prompts``) seeds."""
+    from .prompts import chat_text
+    from .ruler import ruler_prompt
+
+    count = token_counter(tokenizer)
+    items = []
+    for i in range(size.prompts or size.ruler_prompts):
+        prompt = ruler_prompt(task, size.ruler_tokens, seed=10_000 + i, paragraphs=paragraphs,
+                              count_tokens=lambda text, prefix: count(chat_text(tokenizer, text) + prefix))
+        text = chat_text(tokenizer, prompt.text) + prompt.answer_prefix
+        info = {"prompt_tokens": count(text), "answers": list(prompt.answers), "metric": prompt.metric,
+                **prompt.info}
+        items.append(Item(text, info, None, prompt.score))
+    return items
+
+
 def build_suite(tokenizer, size: SuiteSize, tasks: tuple[str, ...]) -> dict[str, list[Item]]:
     from .haystack import documentation_paragraphs
 
@@ -356,6 +446,8 @@ def build_suite(tokenizer, size: SuiteSize, tasks: tuple[str, ...]) -> dict[str,
         "needle": lambda: needle_items(tokenizer, size, paragraphs),
         "chat": lambda: chat_items(tokenizer, size, paragraphs),
     }
+    for task in RULER_TASKS:
+        builders[task] = lambda task=task: ruler_items(tokenizer, size, task, paragraphs)
     return {task: builders[task]() for task in tasks}
 
 
@@ -387,11 +479,18 @@ def head_policy_counts(delta: dict) -> dict[str, int]:
     return {k[len(prefix):-1]: int(v) for k, v in delta.items() if k.startswith(prefix)}
 
 
-def generate(llm, texts: list[str], setting: Setting, max_tokens: int) -> tuple[list, dict, float]:
-    """One generate call for one setting: outputs, metric delta, seconds."""
+def generate(llm, texts: list[str], setting: Setting, max_tokens: int | list[int],
+             item_args: list[dict] | None = None) -> tuple[list, dict, float]:
+    """One generate call for one setting: outputs, metric delta, seconds.
+
+    ``max_tokens`` may differ per prompt; ``item_args`` adds keys to each prompt's extra_args.
+    """
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=setting.extra_args)
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(texts)
+    extras = item_args or [{}] * len(texts)
+    params = [SamplingParams(temperature=0, max_tokens=n, extra_args={**setting.extra_args, **extra})
+              for n, extra in zip(limits, extras)]
     before = plugin_metrics()
     start = time.perf_counter()
     outputs = llm.generate(texts, params, use_tqdm=False)
@@ -399,22 +498,70 @@ def generate(llm, texts: list[str], setting: Setting, max_tokens: int) -> tuple[
     return [o.outputs[0] for o in outputs], metric_delta(before, plugin_metrics()), seconds
 
 
+@dataclass
+class FidelityRun:
+    """Where teacher-forced scores go (``apps/fidelity.py``); one per eval run."""
+
+    directory: str
+    runs: int = 0
+
+    def reference_key(self, i: int) -> str:
+        return f"ref-{i}"
+
+    def next_key(self) -> str:
+        self.runs += 1
+        return f"run{self.runs}"
+
+
+def forced_fidelity(llm, items: list[Item], setting: Setting, reference: list[list[int]],
+                    fidelity: FidelityRun) -> dict:
+    """Teacher-force the full cache's continuation under ``setting``: NLL, KL, top-1 agreement."""
+    from .fidelity import force_args, read_scores, summarize
+
+    run = fidelity.next_key()
+    scored = [i for i, ref in enumerate(reference) if ref]
+    keys = [f"{run}-{i}" for i in scored]
+    args = [force_args(fidelity.directory, key, fidelity.reference_key(i), reference[i])
+            for key, i in zip(keys, scored)]
+    _, delta, seconds = generate(llm, [items[i].text for i in scored], setting, [len(reference[i]) for i in scored],
+                                 args)
+    per_prompt = {i: read_scores(fidelity.directory, key, len(reference[i])) for key, i in zip(keys, scored)}
+    return {**summarize(list(per_prompt.values())), "forced_seconds": seconds,
+            "forced_kept_fraction": kept_fraction_of(delta, len(scored)) if scored else None,
+            "per_prompt": {i: {"nll": sum(s.nll) / s.steps, "kl": sum(s.kl) / s.steps,
+                               "forced_agreement": sum(s.top1) / s.steps} for i, s in per_prompt.items()}}
+
+
 def run_task(llm, task: str, items: list[Item], setting: Setting, size: SuiteSize,
-             reference: list[list[int]] | None) -> dict:
-    max_tokens = size.chat_tokens if task == "chat" else size.answer_tokens
-    outputs, delta, seconds = generate(llm, [item.text for item in items], setting, max_tokens)
+             reference: list[list[int]] | None, fidelity: FidelityRun | None = None) -> dict:
+    max_tokens = task_max_tokens(task, size)
+    record = None
+    if task == "chat" and fidelity is not None and reference is None:  # the reference run stores P
+        from .fidelity import record_args
+
+        record = [record_args(fidelity.directory, fidelity.reference_key(i)) for i in range(len(items))]
+    outputs, delta, seconds = generate(llm, [item.text for item in items], setting, max_tokens, record)
+    extra = {}
     if task == "chat":
         tokens = [list(o.token_ids) for o in outputs]
         # The full setting runs first with no reference: it is its own reference.
         quality, prompts = score_fidelity(items, tokens if reference is None else reference, tokens)
+        if fidelity is not None:
+            forced = forced_fidelity(llm, items, setting, tokens if reference is None else reference, fidelity)
+            for i, scores in forced.pop("per_prompt").items():
+                prompts[i].update(scores)
+            extra = forced
     else:
         quality, prompts = score_answers(items, [o.text for o in outputs])
+        for row, out in zip(prompts, outputs):
+            row["output_tokens"] = len(out.token_ids)
     return {
         "quality": quality,
         "kept_fraction": kept_fraction_of(delta, len(items)),
         "seconds": seconds,
         "requests": len(items),
         "head_policies": head_policy_counts(delta),
+        **extra,
         "prompts": prompts,
         "token_ids": [list(o.token_ids) for o in outputs],
     }
@@ -426,9 +573,14 @@ def setting_row(setting: Setting, task_results: dict[str, dict]) -> dict:
     kept = [r["kept_fraction"] for r in tasks.values()]
     return {
         "label": setting.label, "kv_policy": setting.kv_policy, "params": dict(setting.params),
-        "matched_to": setting.matched_to, "tasks": tasks,
+        "family": setting_family(setting.label), "matched_to": setting.matched_to, "tasks": tasks,
         "mean_quality": sum(qualities) / len(qualities), "mean_kept_fraction": sum(kept) / len(kept),
     }
+
+
+def setting_family(label: str) -> str:
+    """What a plot draws as one line: the label without its T and its matched point."""
+    return label.split(" @ ")[0].split(" T=")[0]
 
 
 def log(message: str) -> None:
@@ -436,28 +588,160 @@ def log(message: str) -> None:
 
 
 def run_setting(llm, suite: dict[str, list[Item]], setting: Setting, size: SuiteSize,
-                references: dict[str, list[list[int]]]) -> dict[str, dict]:
+                references: dict[str, list[list[int]]], fidelity: FidelityRun | None = None) -> dict[str, dict]:
     results = {}
     for task, items in suite.items():
-        results[task] = run_task(llm, task, items, setting, size, references.get(task))
+        results[task] = run_task(llm, task, items, setting, size, references.get(task), fidelity)
         r = results[task]
+        forced = f"  nll {r['nll']:.3f} kl {r['kl']:.3f}" if r.get("nll") is not None else ""
         log(f"{setting.label:<34} {task:<8} quality {r['quality']:6.1f}  kept {100 * r['kept_fraction']:5.1f}%  "
-            f"{r['seconds']:6.1f} s")
+            f"{r['seconds']:6.1f} s{forced}")
     return results
 
 
-def run_baselines(llm, suite, fastgen: Setting, fastgen_results: dict, baselines, size, references) -> list[dict]:
+def run_baselines(llm, suite, fastgen: Setting, fastgen_results: dict, baselines, size, references,
+                  fidelity: FidelityRun | None = None) -> list[dict]:
     """Each baseline at FastGen's kept fraction, task by task (matched memory per task)."""
     rows = []
     for baseline in baselines:
         per_task = {}
         for task, items in suite.items():
             setting = matched_settings(baseline, fastgen.label, fastgen_results[task]["kept_fraction"])
-            per_task.update(run_setting(llm, {task: items}, setting, size, references))
+            per_task.update(run_setting(llm, {task: items}, setting, size, references, fidelity))
         row = setting_row(Setting(f"{baseline} @ {fastgen.label}", baseline, {}, fastgen.label), per_task)
         row["params"] = {t: {"budget_ratio": matched_budget(fastgen_results[t]["kept_fraction"])} for t in suite}
         rows.append(row)
     return rows
+
+
+# --- kvpress, side by side (its own venv; apps/kvpress_driver.py) -----------------------------
+
+
+def kvpress_python(args) -> str:
+    """The kvpress venv's python; SystemExit naming the setup script when it is missing."""
+    python = Path(args.kvpress_python or REPO / ".venv-kvpress" / "bin" / "python")
+    if not python.is_file():
+        raise SystemExit(f"eval: --kvpress needs the kvpress venv ({python} is missing): run "
+                         "scripts/kvpress_setup.sh first")
+    return str(python)
+
+
+def press_compression(kept: float, prompt_tokens: int, output_tokens: int) -> float:
+    """The compression ratio of a kvpress press that ends a request at KV fraction ``kept``.
+
+    A press compresses the prompt (all but its last token) once; the last prompt token and
+    the ``output_tokens`` generated are all kept. So at the end it holds
+    ``(P - 1)(1 - r) + 1 + G`` of ``P + G`` tokens; solved for r, within [0, 0.95].
+    """
+    p, g = prompt_tokens, output_tokens
+    if p <= 1:
+        return 0.0
+    ratio = 1.0 - (kept * (p + g) - 1 - g) / (p - 1)
+    return round(min(0.95, max(0.0, ratio)), 4)
+
+
+def press_kept(ratio: float, prompt_tokens: int, output_tokens: int) -> float:
+    """KV fraction a press holds at the request's end (the inverse of ``press_compression``)."""
+    p, g = prompt_tokens, output_tokens
+    return ((p - 1) * (1 - ratio) + 1 + g) / (p + g)
+
+
+def kvpress_jobs(folder: str, suite: dict[str, list[Item]], size: SuiteSize, rows: list[dict], presses: list[str],
+                 dtype: str, fidelity: bool) -> tuple[dict, dict]:
+    """The driver's jobs: every prompt, with each press's compression at every point the
+    baselines were matched to (the first variant's FastGen settings), task by task.
+
+    Returns (jobs, index): index maps a job id to (task, prompt index, matched label).
+    """
+    full = next(r for r in rows if r["kv_policy"] == "full")
+    points = [r for r in rows if r["label"] in {b["matched_to"] for b in rows if b.get("matched_to")}]
+    if not points:  # no baseline ran: match the first FastGen point
+        points = [r for r in rows if r["kv_policy"].startswith("fastgen")][:1]
+    prompts, index = [], {}
+    for point in points:
+        for task, items in suite.items():
+            kept = point["tasks"][task]["kept_fraction"]
+            for i, item in enumerate(items):
+                ref = full["tasks"][task]["prompts"][i]
+                outputs = ref.get("output_tokens", ref.get("reference_tokens", task_max_tokens(task, size)))
+                ratio = press_compression(kept, item.info["prompt_tokens"], outputs)
+                job_id = f"{point['label']}|{task}|{i}"
+                index[job_id] = (task, i, point["label"])
+                prompts.append({"id": job_id, "text": item.text, "max_tokens": task_max_tokens(task, size),
+                                "fidelity": fidelity and task == "chat",
+                                "compression": {press: ratio for press in presses}})
+    jobs = {"model": folder, "dtype": dtype, "threads": os.cpu_count(), "presses": list(presses), "prompts": prompts}
+    return jobs, index
+
+
+def kvpress_rows(out: dict, index: dict, suite: dict[str, list[Item]], presses: list[str]) -> list[dict]:
+    """Result rows (the ``setting_row`` shape) of the driver's output: one per press and matched
+    point, plus the transformers reference without a press. Scored as our runs are; chat
+    agreement is against transformers' own full-cache output (the same model in another
+    engine can differ from vLLM's by a token)."""
+    by_key = {(r["id"], r["press"]): r for r in out["results"]}
+    points = list(dict.fromkeys(label for _, _, label in index.values()))
+    rows = []
+    for point in points:
+        for press in (["none"] if point == points[0] else []) + list(presses):
+            tasks = {}
+            for task, items in suite.items():
+                ids = [job for job, (t, _, label) in index.items() if t == task and label == point]
+                results = [by_key[(job, press)] for job in ids]
+                if task == "chat":
+                    refs = [by_key[(job, "none")]["output_ids"] for job in ids]
+                    quality, prompts = score_fidelity(items, refs, [r["output_ids"] for r in results])
+                else:
+                    quality, prompts = score_answers(items, [r["text"] for r in results])
+                kept = [press_kept(r["compression_ratio"], r["prompt_tokens"], len(r["output_ids"])) for r in results]
+                task_row = {"quality": quality, "kept_fraction": sum(kept) / len(kept),
+                            "kept_after_prefill": sum(r["kept_after_prefill"] for r in results) / len(results),
+                            "compression_ratio": sum(r["compression_ratio"] for r in results) / len(results),
+                            "seconds": sum(r["seconds"] for r in results), "requests": len(results),
+                            "head_policies": {}, "prompts": prompts}
+                if all("nll" in r for r in results):
+                    n = sum(r["forced_tokens"] for r in results)
+                    for key in ("nll", "kl"):
+                        task_row[key] = sum(r[key] * r["forced_tokens"] for r in results) / max(1, n)
+                    task_row["forced_agreement"] = 100.0 * sum(
+                        r["forced_agreement"] * r["forced_tokens"] for r in results) / max(1, n)
+                    task_row["forced_tokens"] = n
+                    for p, r in zip(prompts, results):
+                        p.update({k: r[k] for k in ("nll", "kl", "forced_agreement")})
+                tasks[task] = task_row
+            label = "transformers full (kvpress venv)" if press == "none" else f"kvpress:{press} @ {point}"
+            setting = Setting(label, "transformers-full" if press == "none" else f"kvpress:{press}", {},
+                              None if press == "none" else point)
+            row = setting_row(setting, tasks)
+            row["engine"] = "transformers"
+            row["masked"] = press in KVPRESS_MASKED
+            row["params"] = {t: {"compression_ratio": round(v["compression_ratio"], 4)} for t, v in tasks.items()}
+            rows.append(row)
+    return rows
+
+
+def run_kvpress(args, folder: str, suite: dict[str, list[Item]], size: SuiteSize, rows: list[dict]) -> list[dict]:
+    """Run the driver in the kvpress venv on the same prompts; its rows, scored here."""
+    import subprocess
+    import tempfile
+
+    python = kvpress_python(args)
+    jobs, index = kvpress_jobs(folder, suite, size, rows, args.kvpress, args.dtype, not args.no_fidelity)
+    with tempfile.TemporaryDirectory(prefix="adaptive-kv-kvpress-") as tmp:
+        jobs_path, out_path = Path(tmp) / "jobs.json", Path(tmp) / "out.json"
+        jobs_path.write_text(json.dumps(jobs))
+        driver = Path(__file__).with_name("kvpress_driver.py")
+        log(f"kvpress: {len(jobs['prompts'])} prompts x (1 + {len(args.kvpress)} presses) in {python}")
+        started = time.perf_counter()
+        proc = subprocess.run([python, str(driver), str(jobs_path), str(out_path)], text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the kvpress driver failed (exit {proc.returncode}); its log is above")
+        out = json.loads(out_path.read_text())
+    log(f"kvpress done in {time.perf_counter() - started:.0f} s ({out['versions']})")
+    new = kvpress_rows(out, index, suite, args.kvpress)
+    for row in new:
+        row["versions"] = out["versions"]
+    return new
 
 
 def latest_head_map(maps: dict, request_id: str) -> list[list[str]]:
@@ -514,8 +798,11 @@ def markdown_table(results: dict) -> str:
     lines = [head, rule]
     for row in results["settings"]:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if not isinstance(v, dict))
-        if row["matched_to"]:
+        if row["matched_to"] and row["kv_policy"] in BASELINES:
             params = "budget_ratio per task = FastGen's kept fraction"
+        elif row["matched_to"]:
+            params = "compression per prompt to FastGen's kept fraction" + (
+                "; masks keys, frees no memory" if row.get("masked") else "")
         cells = [f"{100 * row['tasks'][t]['kept_fraction']:.1f} | {row['tasks'][t]['quality']:.1f}" for t in tasks]
         lines.append(f"| {row['label']} | {params} | " + " | ".join(cells)
                      + f" | {100 * row['mean_kept_fraction']:.1f} | {row['mean_quality']:.1f} |")
@@ -523,22 +810,57 @@ def markdown_table(results: dict) -> str:
         "",
         "KV % = KV tokens held at each request's end over the full cache's, summed over layers and KV heads "
         "(mean over requests). Quality: passkey and needle = accuracy %; chat = greedy token agreement with "
-        "the full cache's output %.",
+        "the full cache's output %; RULER tasks = RULER's string-match score %.",
     ]
+    if any(r.get("engine") == "transformers" for r in results["settings"]):
+        notes.append("Rows from transformers (kvpress venv): KV % is nominal, from the press's compression of the "
+                     "prompt (generated tokens are never compressed); head-wise presses (adakv_*) mask keys "
+                     "with fake ones and free no memory. Their chat agreement is against transformers' own "
+                     "full-cache output.")
     return "\n".join(lines + notes) + "\n"
 
 
+def fidelity_reference(results: dict, row: dict) -> dict | None:
+    """The full-cache row of the same engine (vLLM's ``full`` or transformers' reference)."""
+    want = "transformers-full" if row.get("engine") == "transformers" else "full"
+    return next((r for r in results["settings"] if r["kv_policy"] == want), None)
+
+
 def divergence_table(results: dict) -> str:
-    """Chat fidelity detail: mean agreement and where outputs first diverge."""
+    """Chat fidelity detail: agreement, where outputs first diverge, and the teacher-forced
+    metrics (top-1 agreement, NLL and its change against the full cache, KL)."""
     if "chat" not in results["tasks"]:
         return ""
-    lines = ["| setting | agreement % | identical outputs | median first divergence (tokens) |", "|---|---|---|---|"]
+    lines = ["| setting | agreement % | identical outputs | median first divergence (tokens) | chat KV % | "
+             "forced top-1 % | NLL (nats/token) | NLL vs full | KL (nats/token) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["settings"]:
-        prompts = row["tasks"]["chat"]["prompts"]
+        chat = row["tasks"]["chat"]
+        prompts = chat["prompts"]
         firsts = sorted(p["first_divergence"] for p in prompts if p["first_divergence"] is not None)
         identical = sum(p["first_divergence"] is None for p in prompts)
         median = firsts[len(firsts) // 2] if firsts else "-"
-        lines.append(f"| {row['label']} | {row['tasks']['chat']['quality']:.1f} | {identical}/{len(prompts)} | {median} |")
+        forced = "- | - | - | -"
+        if chat.get("nll") is not None:
+            ref = fidelity_reference(results, row)
+            ref_nll = ref["tasks"]["chat"].get("nll") if ref else None
+            change = f"{100 * (chat['nll'] / ref_nll - 1):+.1f}%" if ref_nll else "-"
+            forced = f"{chat['forced_agreement']:.1f} | {chat['nll']:.3f} | {change} | {chat['kl']:.3f}"
+        lines.append(f"| {row['label']} | {chat['quality']:.1f} | {identical}/{len(prompts)} | {median} | "
+                     f"{100 * chat['kept_fraction']:.1f} | {forced} |")
+    return "\n".join(lines) + "\n"
+
+
+def ruler_table(results: dict) -> str:
+    """Each setting's RULER tasks and their mean (the RULER average), with the mean KV kept."""
+    tasks = [t for t in results["tasks"] if t in RULER_TASKS]
+    if not tasks:
+        return ""
+    lines = ["| setting | " + " | ".join(tasks) + " | RULER mean | mean KV % |", "|---|" + "---|" * (len(tasks) + 2)]
+    for row in results["settings"]:
+        scores = [row["tasks"][t]["quality"] for t in tasks]
+        kept = [row["tasks"][t]["kept_fraction"] for t in tasks]
+        lines.append(f"| {row['label']} | " + " | ".join(f"{q:.1f}" for q in scores)
+                     + f" | {sum(scores) / len(scores):.1f} | {100 * sum(kept) / len(kept):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -569,7 +891,12 @@ def write_markdown(results: dict, path: Path) -> None:
             for by in ("length", "depth"):
                 parts += [f"\n## {task} accuracy by {by}\n", breakdown_table(results, task, by)]
     if results["tasks"].get("chat"):
-        parts += ["\n## Chat fidelity\n", divergence_table(results)]
+        parts += ["\n## Chat fidelity\n", divergence_table(results),
+                  "\nTeacher-forced columns: the full cache's greedy continuation forced token by token under each "
+                  "setting, decode-time eviction included (apps/fidelity.py); NLL and KL are exact over the "
+                  "vocabulary, per token, token-weighted over prompts.\n"]
+    if any(t in RULER_TASKS for t in results["tasks"]):
+        parts += ["\n## RULER tasks\n", ruler_table(results)]
     if results.get("choices"):
         parts.append("\n## Rule\n")
         for choice in results["choices"]:
@@ -583,25 +910,31 @@ def plot_quality(results: dict, task: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"full": "*", "fastgen": "o", "streamingllm": "s", "h2o": "^", "snapkv": "D"}
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for family in markers:
-        rows = [r for r in results["settings"] if r["kv_policy"] == family and task in r["tasks"]]
+    markers = {"full": "*", "fastgen": "o", "fastgen-paper": "o", "streamingllm": "s", "h2o": "^", "snapkv": "D"}
+    others = iter("vP<>hXd1234" * 3)
+    fig, ax = plt.subplots(figsize=(6.6, 4.6))
+    rows_with = [r for r in results["settings"] if task in r["tasks"]]
+    for family in dict.fromkeys(r.get("family", r["kv_policy"]) for r in rows_with):
+        rows = [r for r in rows_with if r.get("family", r["kv_policy"]) == family]
         points = sorted((r["tasks"][task]["kept_fraction"], r["tasks"][task]["quality"]) for r in rows)
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker=markers[family], markersize=12 if family == "full" else 6,
-                    linestyle="" if family == "full" else "-", label=family)
+        single = family in ("full", "transformers full (kvpress venv)")
+        hf = rows[0].get("engine") == "transformers"
+        label = family + (" (masks, no memory freed)" if rows[0].get("masked") else "")
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker=markers.get(rows[0]["kv_policy"], None) or next(others),
+                markersize=12 if single else 6, linestyle="" if single else ("--" if hf else "-"),
+                fillstyle="none" if hf else "full", label=label)
     for r in results["settings"]:
-        if r["kv_policy"] == "fastgen" and task in r["tasks"]:
+        if r["kv_policy"].startswith("fastgen") and task in r["tasks"]:
             t = r["tasks"][task]
             ax.annotate(f"T={r['params']['recovery_ratio']}", (t["kept_fraction"], t["quality"]),
                         textcoords="offset points", xytext=(4, -10), fontsize=7)
-    metric = "token agreement with full (%)" if task == "chat" else "accuracy (%)"
+    metric = {"chat": "token agreement with full (%)"}.get(
+        task, "RULER string-match score (%)" if task in RULER_TASKS else "accuracy (%)")
     ax.set(xlabel="KV kept (fraction of full cache)", ylabel=metric, ylim=(-3, 103),
            title=f"{task}: quality vs KV kept ({results['model']})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -674,6 +1007,33 @@ def ratios_arg(text: str) -> list[float]:
     return parse_list(text, float, "comma-separated numbers in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def baselines_arg(text: str) -> list[str]:
+    return [] if text.strip() == "none" else names_arg(BASELINES)(text)
+
+
+def tasks_arg(text: str) -> list[str]:
+    names = []
+    for part in (p.strip() for p in text.split(",")):
+        names += list(TASK_GROUPS.get(part, [part]))
+    return names_arg(TASKS)(",".join(names))
+
+
+def variants_arg(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",")]
+    for value in values:
+        try:
+            parse_variant(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return list(dict.fromkeys(values))
+
+
+def kvpress_arg(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(KVPRESS_PRESSES)
+    return names_arg(KVPRESS_PRESSES)(text)
+
+
 def names_arg(allowed: tuple[str, ...]):
     def parse(text: str) -> list[str]:
         values = parse_list(text, str, f"comma-separated names from {', '.join(allowed)}",
@@ -691,10 +1051,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="eval-results", help="where results.json, results.md and PNGs go")
     p.add_argument("--recovery-ratios", type=ratios_arg, default=None,
                    help="FastGen T values (default 0.9,0.95,0.98,0.99; --quick: 0.9)")
-    p.add_argument("--baselines", type=names_arg(BASELINES), default=None,
-                   help="baselines run at FastGen's kept fraction (default streamingllm,h2o,snapkv; --quick: h2o)")
-    p.add_argument("--tasks", type=names_arg(TASKS), default=list(TASKS),
-                   help="tasks to run (default passkey,needle,chat)")
+    p.add_argument("--baselines", type=baselines_arg, default=None,
+                   help="baselines run at FastGen's kept fraction, or none (default streamingllm,h2o,snapkv; --quick: h2o)")
+    p.add_argument("--tasks", type=tasks_arg, default=None,
+                   help=f"tasks to run, or 'ruler' for {', '.join(RULER_TASKS)} (default passkey,needle,chat; "
+                        f"--quick: {','.join(QUICK_TASKS)})")
+    p.add_argument("--variants", type=variants_arg, default=["default"],
+                   help="FastGen variants, comma-separated: default, paper (fastgen-paper), or hyperparameters "
+                        "joined by '+', e.g. recent_window=32+decode_protect=32; baselines and kvpress are "
+                        "matched to the first (default: default)")
+    p.add_argument("--no-fidelity", action="store_true",
+                   help="skip chat's teacher-forced NLL / KL runs (apps/fidelity.py)")
+    p.add_argument("--kvpress", type=kvpress_arg, default=None, metavar="PRESSES",
+                   help="also run these kvpress presses through transformers in the kvpress venv "
+                        "(scripts/kvpress_setup.sh), at the first variant's kept fractions; comma-separated "
+                        "from " + ", ".join(KVPRESS_PRESSES) + ", or 'all'")
+    p.add_argument("--kvpress-python", default=None, metavar="PYTHON",
+                   help="the kvpress venv's python (default <repo>/.venv-kvpress/bin/python)")
     p.add_argument("--max-loss", type=float, default=2.0,
                    help="rule: the chosen T is the smallest KV at no more than this mean loss (points) vs full")
     p.add_argument("--no-maps", action="store_true", help="skip the per-head policy maps")
@@ -773,18 +1146,20 @@ def check_fits(suite: dict[str, list[Item]], size: SuiteSize, max_model_len: int
     """Every prompt plus its output tokens must fit ``max_model_len`` (counted with the
     model's own tokenizer, special tokens included): else a ValueError naming the prompt."""
     for task, items in suite.items():
-        out = size.chat_tokens if task == "chat" else size.answer_tokens
+        out = task_max_tokens(task, size)
         for i, item in enumerate(items):
             tokens = count(item.text)
             if tokens + out > max_model_len:
                 raise ValueError(f"{task} prompt {i} has {tokens} tokens + {out} output tokens > max_model_len "
-                                 f"{max_model_len}: the suite's lengths ({max(size.lengths)} target tokens) do "
-                                 "not fit this model's context")
+                                 f"{max_model_len}: the suite's lengths ({max(size.lengths)} target tokens, "
+                                 f"RULER {size.ruler_tokens}) do not fit this model's context")
 
 
 def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.recovery_ratios is None:
         args.recovery_ratios = [0.9] if args.quick else [0.9, 0.95, 0.98, 0.99]
+    if args.tasks is None:
+        args.tasks = list(QUICK_TASKS if args.quick else CORE_TASKS)
     if args.baselines is None:
         args.baselines = ["h2o"] if args.quick else list(BASELINES)
     if args.max_loss < 0:
@@ -809,11 +1184,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     size = args.size
     started = time.perf_counter()
+    import shutil
+    import tempfile
+
+    from .fidelity import TeacherForcing
+
     folder, model = resolve_model(args.model)
     max_model_len = engine_max_len(model)
+    if args.kvpress:
+        kvpress_python(args)  # fails early, before the engine starts, if the venv is missing
     llm = LLM(folder, dtype=args.dtype, max_model_len=max_model_len,
               kv_cache_memory_bytes=args.kv_cache_mib << 20, enforce_eager=True, seed=0,
-              disable_log_stats=False, additional_config={"kv_policy": "full"})
+              disable_log_stats=False, additional_config={"kv_policy": "full"},
+              logits_processors=[TeacherForcing])
+    fidelity = None if args.no_fidelity else FidelityRun(tempfile.mkdtemp(prefix="adaptive-kv-fidelity-"))
     try:
         tokenizer = llm.get_tokenizer()  # the model's own tokenizer and chat template
         suite = build_suite(tokenizer, size, tuple(args.tasks))
@@ -821,19 +1205,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         log(f"engine up in {time.perf_counter() - started:.0f} s; {model['display']} "
             f"({model['layers']} layers x {model['kv_heads']} KV heads); "
             + ", ".join(f"{t}: {len(v)} prompts" for t, v in suite.items()))
-        rows = evaluate_settings(llm, suite, size, args)
+        rows = evaluate_settings(llm, suite, size, args, fidelity)
         maps = [] if args.no_maps else policy_maps(llm, map_prompts(tokenizer, size, documentation_paragraphs()),
                                                    args.recovery_ratios, token_counter(tokenizer))
     finally:
         del llm
         gc.collect()
+        if fidelity is not None:
+            shutil.rmtree(fidelity.directory, ignore_errors=True)
+    if args.kvpress:
+        rows += run_kvpress(args, folder, suite, size, rows)
     results = {
         "schema_version": SCHEMA_VERSION, "model": model["display"], "model_name": args.model,
         "model_info": model, "quick": args.quick, "prompts_per_task": size.prompts or size.max_prompts,
         "command": "vllm-adaptive-kv eval " + " ".join(argv), "dtype": args.dtype,
         "max_model_len": max_model_len, "machine": machine_info(), "haystack_sha256": source_digest(),
         "tasks": {t: {"prompts": len(items), "prompt_tokens": [i.info["prompt_tokens"] for i in items],
-                      "metric": "token agreement %" if t == "chat" else "accuracy %"} for t, items in suite.items()},
+                      "metric": task_metric(t), "max_tokens": task_max_tokens(t, size)}
+                  for t, items in suite.items()},
+        "variants": list(args.variants), "fidelity": not args.no_fidelity,
         "settings": rows, "policy_maps": maps,
     }
     results["choices"] = rule_choices(rows, args.max_loss)
@@ -841,16 +1231,27 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     return results
 
 
-def evaluate_settings(llm, suite, size: SuiteSize, args) -> list[dict]:
-    """full first (the fidelity reference), then fastgen per T with its matched baselines."""
-    full = run_setting(llm, suite, Setting("full", "full"), size, {})
+def task_metric(task: str) -> str:
+    if task == "chat":
+        return "token agreement %"
+    if task in RULER_TASKS:
+        return "RULER string match (part) %" if task == "qa" else "RULER string match (all) %"
+    return "accuracy %"
+
+
+def evaluate_settings(llm, suite, size: SuiteSize, args, fidelity: FidelityRun | None = None) -> list[dict]:
+    """full first (the fidelity reference), then fastgen per variant and T; the baselines
+    are matched to the first variant's points."""
+    full = run_setting(llm, suite, Setting("full", "full"), size, {}, fidelity)
     references = {"chat": full["chat"]["token_ids"]} if "chat" in full else {}
     rows = [setting_row(Setting("full", "full"), full)]
-    for ratio in args.recovery_ratios:
-        setting = fastgen_setting(ratio)
-        results = run_setting(llm, suite, setting, size, references)
-        rows.append(setting_row(setting, results))
-        rows += run_baselines(llm, suite, setting, results, args.baselines, size, references)
+    for index, variant in enumerate(args.variants):
+        for ratio in args.recovery_ratios:
+            setting = fastgen_setting(ratio, variant)
+            results = run_setting(llm, suite, setting, size, references, fidelity)
+            rows.append(setting_row(setting, results))
+            if index == 0:
+                rows += run_baselines(llm, suite, setting, results, args.baselines, size, references, fidelity)
     return rows
 
 
@@ -886,8 +1287,9 @@ def load_results(path: str, parser: argparse.ArgumentParser) -> dict:
         results = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         parser.error(f"--from-json: {path!r} cannot be read as JSON: {err}")
-    if not isinstance(results, dict) or results.get("schema_version") != SCHEMA_VERSION:
-        parser.error(f"--from-json: {path!r} is not a results.json of schema version {SCHEMA_VERSION}")
+    if not isinstance(results, dict) or results.get("schema_version") not in READABLE_SCHEMAS:
+        parser.error(f"--from-json: {path!r} is not a results.json of schema version "
+                     + " or ".join(map(str, READABLE_SCHEMAS)))
     return results
 
 
