@@ -1,4 +1,4 @@
-"""`vllm-adaptive-kv bench`: the pure parts (no vLLM), and one tiny real run (marked vllm)."""
+"""`vllm-adaptive-kv bench`: the pure parts (no vLLM), and one tiny real run of `bench --suite --quick`."""
 
 from __future__ import annotations
 
@@ -249,28 +249,51 @@ def test_summaries_from_samples_and_results():
 
 
 @pytest.mark.engine
-@pytest.mark.timeout(1200)  # ~70 s here (two servers); sized for a machine ~10x slower
-def test_bench_tiny_run(smollm2_dir, tmp_path):
-    """3 short requests, 4 output tokens, vanilla and fastgen on real servers (~2 min)."""
-    out = tmp_path / "bench.json"
-    rc = bench.main(["-n", "3", "--prompt-tokens", "150:250", "--output-tokens", "4",
+@pytest.mark.timeout(1200)  # two servers, as the single-run test it replaced; sized for a machine ~10x slower
+def test_bench_suite_quick_run(smollm2_dir, tmp_path):
+    """`bench --suite --quick` on vanilla and fastgen (two servers): the pipeline and the JSON.
+
+    One memory-bound budget; short outputs, all at once then Poisson at vanilla's rate;
+    the batching curve at 1 request. Checks the structure, never the speed.
+    """
+    from vllm_adaptive_kv.apps import bench_suite
+
+    out = tmp_path / "suite.json"
+    rc = bench.main(["--suite", "--quick", "-n", "3", "--outputs", "short", "--curve-points", "1",
                      "--configs", "vanilla,fastgen", "--model", str(smollm2_dir), "--out", str(out),
                      "--log-dir", str(tmp_path / "logs"), "--start-timeout", "900"])
     assert rc == 0
     doc = json.loads(out.read_text())
-    assert doc["schema"] == bench.SCHEMA
-    assert doc["workload"]["requests"] == 3 and doc["workload"]["output_tokens"]["total"] == 12
-    assert [c["config"] for c in doc["configs"]] == ["vanilla", "fastgen"]
-    for c in doc["configs"]:
-        assert c["completed"] == 3 and c["failed"] == 0 and c["server_alive_after"]
-        assert c["output_tokens"] == 12 and c["short_outputs"] == 0
-        assert c["output_tokens_per_s"] > 0 and c["requests_per_s"] > 0
-        assert c["peak_running"] >= 1 and 0 <= c["mean_kv_usage"] <= 1
-        assert 0 <= c["accuracy"] <= 1
-        assert 0 < c["ttft_s"]["p50"] <= c["ttft_s"]["p99"] and c["tpot_s"]["p50"] > 0
-        assert len(c["requests"]) == 3 and all(r["error"] is None for r in c["requests"])
-        assert c["vs_vanilla"]["output_tokens_per_s"] > 0
-    vanilla, fastgen = doc["configs"]
-    assert "--kv-policy" not in vanilla["server_cmd"] and "--kv-policy" in fastgen["server_cmd"]
-    assert vanilla["kept_fraction"] is None and 0 < fastgen["kept_fraction"] <= 1
-    assert vanilla["vs_vanilla"]["output_tokens_per_s"] == 1.0
+    assert doc["schema"] == bench_suite.SCHEMA and doc["finished"]
+    assert isinstance(doc["machine"]["cpu"]["flags"], list) and doc["uptime_after"]["loadavg"]
+    assert [b["name"] for b in doc["budgets"]] == ["bound-2"]
+    servers = doc["budgets"][0]["servers"]
+    assert servers["vanilla"]["kernel"]["path"] == "vllm-cpu-attn" and servers["vanilla"]["kernel"]["isa"]
+    assert servers["fastgen"]["kernel"] == {"path": "vllm-cpu-kernel", "isa": "vec"}
+    assert servers["fastgen"]["block_size"] == bench_suite.PLUGIN_BLOCK
+    assert all(s["capacity_tokens"] > 0 for s in servers.values())
+    assert [c["name"] for c in doc["cells"]] == ["bound-2/short/burst", "bound-2/short/poisson"]
+    burst, poisson = doc["cells"]
+    assert burst["rate"] is None and poisson["rate"] == pytest.approx(0.9 * burst["runs"]["vanilla"]["requests_per_s"])
+    for cell in doc["cells"]:
+        assert list(cell["runs"]) == ["vanilla", "fastgen"]
+        for c in cell["runs"].values():
+            assert c["completed"] == 3 and c["failed"] == 0 and c["server_alive_after"]
+            assert c["output_tokens"] == 12 and c["short_outputs"] == 0
+            assert c["output_tokens_per_s"] > 0 and c["requests_per_s"] > 0
+            assert c["peak_running"] >= 1 and 0 < c["mean_running"] <= 3 and c["preemptions"] >= 0
+            assert 0 <= c["accuracy"] <= 1 and 0 < c["ttft_s"]["p50"] <= c["ttft_s"]["p99"]
+            assert c["tpot_s"]["p50"] > 0 and len(c["requests"]) == 3
+            assert all(r["error"] is None for r in c["requests"])
+        vanilla, fastgen = cell["runs"]["vanilla"], cell["runs"]["fastgen"]
+        assert "--kv-policy" not in vanilla["server_cmd"] and "--kv-policy" in fastgen["server_cmd"]
+        assert vanilla["kept_fraction"] is None and 0 < fastgen["kept_fraction"] <= 1
+        assert cell["ratios"]["fastgen_vs_vanilla"] > 0 and cell["ratios"]["fastgen_vs_full"] is None
+        conc = cell["concurrency"]["fastgen"]
+        assert conc["ideal"]["by_chunk"] >= conc["ideal"]["by_rule"] >= 1 and conc["mean_vs_ideal"] > 0
+        assert cell["concurrency"]["vanilla"]["ideal"]["full"] >= 1
+    (point,) = doc["curve"]["vanilla"]["points"]
+    assert point["in_flight"] == 1 and point["output_tokens_per_s"] > 0 and point["failed"] == 0
+    assert burst["curve_prediction"]["vanilla"] == point["output_tokens_per_s"]
+    targets = {t["target"] for t in doc["targets"]}
+    assert any(t.startswith("memory-bound: fastgen mean running") for t in targets)

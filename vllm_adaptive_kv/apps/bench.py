@@ -16,6 +16,9 @@ every configuration. Passkey accuracy (key found in the output) is the quality c
 Printed per configuration: output tokens/s, requests/s, peak running requests, mean
 KV usage, TTFT and TPOT p50/p99, passkey accuracy, and ratios against vanilla; the
 JSON file (``--out``) holds the same plus per-request details.
+
+``bench --suite`` runs the benchmark matrix instead (``apps/bench_suite.py``: every
+cell compared side by side; ``bench --suite --help``).
 """
 
 from __future__ import annotations
@@ -160,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--serve-args", default="", metavar="ARGS",
                    help="extra `vllm serve` arguments for every server (one shell-quoted string)")
     s.add_argument("--vllm", default=str(Path(sys.executable).parent / "vllm"), help="the vllm executable (default: beside this Python)")
+    s.add_argument("--port", type=_positive(int), default=None,
+                   help="first server port; each server started takes the next (default: a free one each)")
     s.add_argument("--start-timeout", type=_positive(float), default=600.0, help="seconds for a server to start (default 600)")
     s.add_argument("--request-timeout", type=_positive(float), default=1800.0, help="seconds per request (default 1800)")
     o = p.add_argument_group("measurement and output")
@@ -520,8 +525,13 @@ async def poll_metrics(session, url: str, interval: float, state: dict, samples:
 
 
 async def drive(base: str, workload: list[BenchRequest], poll_interval: float,
-                request_timeout: float) -> tuple[list[dict], list[dict], float]:
-    """Send the workload at its arrival times; returns (results, samples, wall seconds)."""
+                request_timeout: float, concurrency: int | None = None) -> tuple[list[dict], list[dict], float]:
+    """Send the workload at its arrival times; returns (results, samples, wall seconds).
+
+    With ``concurrency`` the arrival times are ignored: a closed loop of that many
+    clients, each sending its next request (in workload order) when its last one ends,
+    so exactly that many are in flight until the workload runs out.
+    """
     import aiohttp
 
     t0 = time.perf_counter()
@@ -533,13 +543,21 @@ async def drive(base: str, workload: list[BenchRequest], poll_interval: float,
     samples: list[dict] = []
     timeout = aiohttp.ClientTimeout(total=request_timeout)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one(req: BenchRequest) -> dict:
-            await asyncio.sleep(max(0.0, req.arrival_s - clock()))
+        slots = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def send(req: BenchRequest) -> dict:
             state["inflight"] += 1
             try:
                 return await stream_request(session, base + "/v1/completions", req, clock)
             finally:
                 state["inflight"] -= 1
+
+        async def one(req: BenchRequest) -> dict:
+            if slots is None:
+                await asyncio.sleep(max(0.0, req.arrival_s - clock()))
+                return await send(req)
+            async with slots:  # FIFO: gather starts the coroutines in workload order
+                return await send(req)
 
         poller = asyncio.create_task(poll_metrics(session, base + "/metrics", poll_interval, state, samples, clock))
         try:
@@ -580,36 +598,89 @@ def settled_metrics(base: str, timeout: float = 10.0) -> dict:
         time.sleep(0.2)
 
 
-def run_config(config: str, args, model_dir: str, workload: list[BenchRequest], log_dir: Path) -> dict:
-    """Start the server, warm it up, run the workload, stop the server (always)."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = server_command(config, args, model_dir, port)
-    log_path = log_dir / f"serve-{config}.log"
-    print(f"[bench] {config}: starting `{shlex.join(cmd)}` (log {log_path})", flush=True)
-    started = time.perf_counter()
-    proc = start_server(cmd, log_path)
-    try:
-        wait_healthy(base, proc, args.start_timeout, log_path)
-        start_s = time.perf_counter() - started
-        asyncio.run(warm_up(base))
-        before = settled_metrics(base)
-        print(f"[bench] {config}: up in {start_s:.1f} s; sending {len(workload)} requests", flush=True)
-        results, samples, wall = asyncio.run(drive(base, workload, args.poll_interval, args.request_timeout))
-        after = settled_metrics(base)
-        server_alive = proc.poll() is None
-    finally:
-        stop_server(proc)
+class Server:
+    """One ``vllm serve`` process, as a context: started, healthy and warmed up on
+    enter; stopped (its whole process group) on exit, also on errors."""
+
+    def __init__(self, label: str, cmd: list[str], port: int, log_path: Path, start_timeout: float) -> None:
+        self.label, self.cmd, self.log_path, self.start_timeout = label, cmd, log_path, start_timeout
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.start_s: float | None = None
+
+    def __enter__(self) -> "Server":
+        print(f"[bench] {self.label}: starting `{shlex.join(self.cmd)}` (log {self.log_path})", flush=True)
+        started = time.perf_counter()
+        self.proc = start_server(self.cmd, self.log_path)
+        try:
+            wait_healthy(self.base, self.proc, self.start_timeout, self.log_path)
+            self.start_s = time.perf_counter() - started
+            asyncio.run(warm_up(self.base))
+        except BaseException:
+            stop_server(self.proc)
+            raise
+        print(f"[bench] {self.label}: up in {self.start_s:.1f} s", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop_server(self.proc)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def mean_running(after: dict, before: dict, wall_s: float) -> float | None:
+    """Time-averaged requests running during the run, by Little's law: the summed
+    time each request spent from its first scheduling to its last token
+    (``vllm:request_inference_time_seconds``, engine-side) over the wall time.
+
+    Unlike the ``vllm:num_requests_running`` gauge, which is published after each
+    step and so misses the requests a long prefill step has just admitted, this sees
+    every request for its whole stay. A preempted request counts as running until it
+    ends (vLLM keeps its first scheduling time), so read it beside the preemptions.
+    """
+    busy = metric_delta(after, before, "vllm:request_inference_time_seconds_sum")
+    return None if busy is None or wall_s <= 0 else busy / wall_s
+
+
+def measure(server: Server, config: str, workload: list[BenchRequest], args,
+            concurrency: int | None = None) -> dict:
+    """Run ``workload`` on a started ``server``; one result row (the server keeps running)."""
+    before = settled_metrics(server.base)
+    print(f"[bench] {server.label}: sending {len(workload)} requests"
+          + (f", {concurrency} at a time" if concurrency else ""), flush=True)
+    results, samples, wall = asyncio.run(drive(server.base, workload, args.poll_interval, args.request_timeout,
+                                               concurrency))
+    after = settled_metrics(server.base)
     row = summarize_run(config, results, samples, wall, workload)
     kept_sum = metric_delta(after, before, "vllm_adaptive_kv:kept_fraction_sum")
     kept_count = metric_delta(after, before, "vllm_adaptive_kv:kept_fraction_count")
-    row.update({"server_cmd": cmd, "start_s": start_s, "server_alive_after": server_alive,
+    row.update({"server_cmd": server.cmd, "start_s": server.start_s, "server_alive_after": server.alive(),
                 "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
                 "preemptions": metric_delta(after, before, "vllm:num_preemptions_total"),
-                "kept_fraction": ratio(kept_sum, kept_count), "log": str(log_path), "samples": samples,
+                "mean_running": mean_running(after, before, wall),
+                "kept_fraction": ratio(kept_sum, kept_count), "log": str(server.log_path), "samples": samples,
                 "requests": [{k: v for k, v in r.items() if k != "text"} | {"text": r["text"][:200]}
                              for r in results]})
     return row
+
+
+def next_port(args) -> int:
+    """``--port`` and up, one per server started, else a free port from the OS."""
+    if args.port is None:
+        return free_port()
+    port = args.port + getattr(args, "_servers_started", 0)
+    args._servers_started = getattr(args, "_servers_started", 0) + 1
+    return port
+
+
+def run_config(config: str, args, model_dir: str, workload: list[BenchRequest], log_dir: Path) -> dict:
+    """Start the server, warm it up, run the workload, stop the server (always)."""
+    port = next_port(args)
+    cmd = server_command(config, args, model_dir, port)
+    with Server(config, cmd, port, log_dir / f"serve-{config}.log", args.start_timeout) as server:
+        return measure(server, config, workload, args)
 
 
 # --------------------------------------------------------------------------- main
@@ -638,6 +709,11 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--suite" in argv:  # the benchmark matrix: its own options (bench --suite --help)
+        from . import bench_suite
+
+        return bench_suite.main([a for a in argv if a != "--suite"])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.prompt_tokens[1] + args.output_tokens[1] > args.max_model_len:

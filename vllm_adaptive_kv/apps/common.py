@@ -137,9 +137,35 @@ def git_commit() -> dict:
     return {"commit": commit or None, "dirty": dirty}
 
 
+# CPU flags that decide how fast the model runs: bf16 is emulated without avx512_bf16
+# or AMX, and vLLM's CPU attention picks its kernel from AMX / AVX-512 support.
+KEY_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_info(lscpu_text: str | None = None) -> dict:
+    """CPU model, flags (``lscpu``, else /proc/cpuinfo) and the key flags present."""
+    if lscpu_text is None:
+        try:
+            lscpu_text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            lscpu_text = ""
+    fields = dict(line.split(":", 1) for line in lscpu_text.splitlines() if ":" in line)
+    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+    if "flags" not in fields:  # no lscpu: the first processor of /proc/cpuinfo
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
+        except OSError:
+            pass
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name"), "flags": flags,
+            "key_flags": [f for f in KEY_CPU_FLAGS if f in flags]}
+
+
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None, "cpu": cpu_info()}
     for module in ("torch", "vllm"):
         try:
             info[module] = __import__(module).__version__

@@ -1,0 +1,185 @@
+"""`vllm-adaptive-kv bench --suite`: the pure parts (budgets, ideal concurrency, the curve,
+ratios and targets, kernel records). Its real run is tests/test_bench.py's tiny run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from vllm_adaptive_kv.apps import bench, bench_suite
+from vllm_adaptive_kv.apps.common import cpu_info
+
+SMOLLM2 = {"num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3, "head_dim": 64,
+           "hidden_size": 576}
+
+
+def test_plugin_block_size_matches_the_plugin():
+    from vllm_adaptive_kv.plugin.engine_args import DEFAULT_BLOCK_SIZE
+
+    assert bench_suite.PLUGIN_BLOCK == DEFAULT_BLOCK_SIZE
+    assert bench_suite.CONFIGS[bench_suite.SAME_BLOCK_VANILLA].block_size == DEFAULT_BLOCK_SIZE
+
+
+def test_parse_budget_and_lists():
+    assert bench_suite.parse_budget("ample") == ("ample", None)
+    assert bench_suite.parse_budget("bound-8") == ("bound-8", 8)
+    for bad in ("bound-0", "bound-x", "tight", "bound2"):
+        with pytest.raises(ValueError, match="allowed 'ample' or 'bound-K'"):
+            bench_suite.parse_budget(bad)
+    assert bench_suite._points("16,1,4") == [1, 4, 16] and bench_suite._points("none") == []
+    with pytest.raises(ValueError, match="allowed integers >= 1"):
+        bench_suite._points("1,0")
+    with pytest.raises(ValueError, match="unknown 'nope'"):
+        bench_suite.parse_list("--configs", "full,nope", str, tuple(bench_suite.CONFIGS))
+    with pytest.raises(ValueError, match="repeated"):
+        bench_suite.parse_list("--outputs", "short,short", str, ("short", "long"))
+
+
+def test_bad_suite_options_are_usage_errors(capsys):
+    cases = (["--budgets", "tight"], ["--configs", "vanilla,nope"], ["--arrivals", "poisson"],
+             ["--curve-points", "0"], ["--prompt-tokens", "1900:2000", "--long-output", "256"])
+    for argv in cases:
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--suite", "--vllm", sys.executable, *argv])
+        assert exc.value.code == 2
+        assert argv[1] in capsys.readouterr().err
+
+
+def test_quick_shrinks_defaults_but_explicit_options_win():
+    args = bench_suite.parse_args(["--quick", "--vllm", sys.executable])
+    assert args.num_requests == 4 and args.budgets == ["bound-2"] and args.curve_points == [1, 2]
+    assert args.configs == list(bench_suite.DEFAULT_CONFIGS)
+    args = bench_suite.parse_args(["--quick", "-n", "6", "--configs", "vanilla,fastgen", "--vllm", sys.executable])
+    assert args.num_requests == 6 and args.configs == ["vanilla", "fastgen"] and args.short_output == 4
+    full = bench_suite.parse_args(["--vllm", sys.executable])
+    assert full.budgets == ["ample", "bound-2", "bound-8"] and full.curve_points == [1, 2, 4, 8, 16]
+    assert (full.short_output, full.long_output, full.arrivals) == (16, 256, ["burst", "poisson"])
+
+
+def test_budgets_hold_whole_requests_in_128_token_blocks():
+    per_token = bench_suite.kv_bytes_per_token(SMOLLM2, "bfloat16")
+    assert per_token == 2 * 30 * 3 * 64 * 2
+    assert bench_suite.kv_bytes_per_token(SMOLLM2, "float32") == 2 * per_token
+    # 1,352-token prompt + 256 out = 1,608 -> 13 blocks of 128 = 1,664 tokens a request
+    assert bench_suite.budget_bytes("bound-2", 1608, 16, per_token) == 2 * 1664 * per_token
+    assert bench_suite.budget_bytes("ample", 1608, 16, per_token) == 16 * 1664 * per_token
+
+
+def test_ideal_running_under_the_rule_and_by_chunk():
+    # 3,328 tokens of capacity, 1,300-token prompts, 16 out, kept 0.55, pages of 32:
+    # compressed = 0.55 * 1316 + 16 = 739.8; rule: 1 + (3328 - 1312) // 739.8 = 3;
+    # by chunk: 3328 // 739.8 = 4; uncompressed: 3328 // 1344 = 2.
+    ideal = bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 16)
+    assert (ideal["by_rule"], ideal["by_chunk"], ideal["full"]) == (3, 4, 2)
+    assert ideal["compressed_tokens"] == pytest.approx(739.8)
+    assert bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 2)["by_chunk"] == 2  # capped by the requests
+    assert bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 16, max_num_seqs=1)["by_rule"] == 1
+    assert bench_suite.ideal_running(1000, 32, 1300, 16, 0.55, 16)["by_rule"] == 0  # a prompt never fits
+    # kept 1.0 under the rule is never more than the uncompressed count plus the rounding
+    same = bench_suite.ideal_running(13312, 128, 1300, 16, 1.0, 16)
+    assert same["by_rule"] <= same["full"] + 1
+
+
+def test_burst_mean_counts_the_short_last_wave():
+    assert bench_suite.burst_mean(16, 3) == pytest.approx(16 / 6)
+    assert bench_suite.burst_mean(16, 4) == 4 and bench_suite.burst_mean(16, 16) == 16
+    assert bench_suite.burst_mean(16, 0) is None
+
+
+def test_curve_prediction_interpolates_and_clamps():
+    points = [{"in_flight": 1, "output_tokens_per_s": 10.0}, {"in_flight": 2, "output_tokens_per_s": 18.0},
+              {"in_flight": 4, "output_tokens_per_s": 30.0}]
+    assert bench_suite.curve_predict(points, 1.5) == pytest.approx(14.0)
+    assert bench_suite.curve_predict(points, 3.0) == pytest.approx(24.0)
+    assert bench_suite.curve_predict(points, 0.5) == 10.0 and bench_suite.curve_predict(points, 9) == 30.0
+    assert bench_suite.curve_predict([], 2) is None and bench_suite.curve_predict(points, None) is None
+
+
+def _row(tps, acc=1.0, kept=None, mean=None, peak=None, preempt=0):
+    return {"output_tokens_per_s": tps, "accuracy": acc, "kept_fraction": kept, "mean_running": mean,
+            "peak_running": peak, "preemptions": preempt}
+
+
+def test_cell_ratios_concurrency_and_targets():
+    runs = {"vanilla": _row(10.0, mean=2.0, peak=2), "vanilla-bs32": _row(8.0, mean=2.0, peak=2),
+            "full": _row(7.9, mean=2.0, peak=2), "fastgen": _row(12.0, 0.9375, kept=0.55, mean=2.0, peak=3)}
+    ratios = bench_suite.cell_ratios(runs)
+    assert ratios["full_vs_vanilla_same_block"] == pytest.approx(0.9875)
+    assert ratios["fastgen_vs_full"] == pytest.approx(12 / 7.9)
+    assert ratios["vanilla_same_block_vs_vanilla"] == pytest.approx(0.8)
+    assert ratios["passkey_points_fastgen_vs_full"] == pytest.approx(-6.25)
+    assert bench_suite.cell_ratios({"fastgen": _row(1.0)})["fastgen_vs_full"] is None
+
+    workload = {"requests": 16, "prompt_tokens": {"mean": 1300}, "output_tokens": {"max": 16}}
+    cell = {"name": "bound-2/short/burst", "budget_k": 2, "arrivals": "burst", "output": "short",
+            "workload": workload, "runs": runs, "ratios": ratios}
+    capacity = {"vanilla": 2816, "vanilla-bs32": 3328, "full": 3328, "fastgen": 3328}
+    blocks = {"vanilla": 128, "vanilla-bs32": 32, "full": 32, "fastgen": 32}
+    conc = bench_suite.cell_concurrency(cell, capacity, blocks, None)
+    assert conc["fastgen"]["ideal"]["by_rule"] == 3 and conc["fastgen"]["ideal_mean"] == pytest.approx(16 / 6)
+    assert conc["fastgen"]["mean_vs_ideal"] == pytest.approx(2.0 / (16 / 6))  # 0.75: missed
+    assert conc["vanilla"]["ideal"] == {"full": 2} and conc["vanilla"]["preemptions"] == 0
+    assert bench_suite.cell_concurrency({**cell, "budget_k": None}, capacity, blocks, None) is None
+
+    cell["concurrency"] = conc
+    ample = {**cell, "name": "ample/long/burst", "budget_k": None, "concurrency": None, "output": "long"}
+    checks = bench_suite.target_checks([ample, cell])
+    met = {c["target"]: c["met"] for c in checks if c["cell"] == "ample/long/burst"}
+    assert met["ample: full >= 0.97x vanilla at the same block size"] is True
+    assert met["ample: fastgen >= 0.97x full"] is True
+    assert met["passkey: fastgen within 5 points of full"] is False  # -6.25 points
+    bound = [c for c in checks if c["cell"] == "bound-2/short/burst"]
+    assert any(c["target"].startswith("memory-bound: fastgen mean running") and c["met"] is False for c in bound)
+    assert any(c["target"].startswith("memory-bound: fastgen >= full") and c["met"] for c in bound)
+    text = bench_suite.format_targets(checks)
+    assert "MISSED" in text and "met" in text
+
+
+def test_cache_info_from_metrics_labels():
+    text = ('# HELP vllm:cache_config_info x\nvllm:cache_config_info{block_size="128",cache_dtype="auto",'
+            'num_gpu_blocks="22",engine="0"} 1.0\n')
+    assert bench_suite.cache_info(text) == {"block_size": 128, "num_gpu_blocks": 22, "capacity_tokens": 2816}
+    assert bench_suite.cache_info("nothing here") == {}
+
+
+def test_attention_kernel_records():
+    plugin_log = ("INFO [runner.py:84] vllm-adaptive-kv: 1200 head pages of 32 tokens (30 layers x 3 KV heads), "
+                  "policy fastgen, attention path vllm-cpu-kernel\n")
+    fastgen = bench_suite.CONFIGS["fastgen"]
+    assert bench_suite.attention_kernel(fastgen, plugin_log, "bfloat16", 32, 64) == {
+        "path": "vllm-cpu-kernel", "isa": "vec"}
+    torch_log = plugin_log.replace("vllm-cpu-kernel", "torch")
+    assert bench_suite.attention_kernel(fastgen, torch_log, "bfloat16", 32, 64) == {"path": "torch", "isa": None}
+    vanilla = bench_suite.attention_kernel(bench_suite.CONFIGS["vanilla"], "", "bfloat16", 128, 64)
+    # vLLM's own rule on this CPU: AMX for bf16 at a multiple of 32 when the CPU has it, else vec
+    expected = "amx" if "amx_bf16" in cpu_info()["key_flags"] else "vec"
+    assert vanilla == {"path": "vllm-cpu-attn", "isa": expected}
+    assert bench_suite.attention_kernel(bench_suite.CONFIGS["vanilla"], "", "float32", 32, 64)["isa"] == "vec"
+
+
+def test_cpu_info_reads_lscpu_text():
+    info = cpu_info("Model name:   Some CPU\nFlags:    fpu avx2 avx512f amx_bf16\n")
+    assert info["model"] == "Some CPU" and info["key_flags"] == ["avx2", "avx512f", "amx_bf16"]
+    assert "fpu" in info["flags"]
+
+
+def test_poisson_cells_keep_the_prompts():
+    render, count = (lambda m: f"<u>{m}</u>", lambda t: len(t) // 4)
+    burst = bench.build_workload(6, (200, 300), (4, 4), 1, None, render, count)
+    poisson = bench_suite.with_arrivals(burst, 2.0, 1)
+    assert [r.text for r in poisson] == [r.text for r in burst]
+    assert [r.arrival_s for r in poisson] == bench.arrival_times(6, 2.0, 1)
+
+
+def test_format_cell_prints_ratios_and_concurrency():
+    row = {"output_tokens_per_s": 10.0, "peak_running": 2, "mean_running": 1.9, "preemptions": 0,
+           "kept_fraction": None, "ttft_s": {"p50": 1.0, "p99": 2.0}, "tpot_s": {"p50": 0.02, "p99": 0.05},
+           "accuracy": 1.0, "kernel": {"path": "vllm-cpu-attn", "isa": "amx"}}
+    cell = {"name": "bound-2/short/burst", "rate": None, "budget_bytes": 64 << 20,
+            "workload": {"requests": 16, "prompt_tokens": {"min": 1250, "max": 1350}, "output_tokens": {"max": 16}},
+            "runs": {"vanilla": row}, "ratios": {"full_vs_vanilla": None},
+            "concurrency": {"vanilla": {"ideal": {"full": 2}, "peak_running": 2, "mean_running": 1.9,
+                                        "preemptions": 0}}, "curve_prediction": {"vanilla": 12.5}}
+    text = bench_suite.format_cell(cell)
+    assert "amx" in text and "2 whole requests fit" in text and "12.50 output tok/s" in text

@@ -1,0 +1,667 @@
+"""`vllm-adaptive-kv bench --suite`: the benchmark matrix, every cell compared in one run.
+
+A *cell* is one workload (memory budget x output length x arrivals) served by every
+configuration, one after the other, on the same machine:
+
+    vanilla        vanilla vLLM at its defaults (vLLM CPU: 128-token blocks)
+    vanilla-bs32   vanilla vLLM at the plugin's block size (32): the clean baseline for `full`
+    full           the plugin, no eviction
+    fastgen        the plugin, FastGen
+
+Budgets (``--budgets``), in KV bytes of the model (every layer and KV head):
+
+    ample      holds every request of a cell, prompt and long output, uncompressed
+    bound-K    holds K whole requests (largest prompt + long output, in 128-token blocks)
+
+Each (budget, configuration) gets one ``vllm serve``; every cell of that budget runs
+on it (short and long outputs, then Poisson arrivals), so servers start
+``budgets x configurations`` times. The Poisson rate of a (budget, output) pair is
+``--poisson-load`` times the first configuration's requests/s in the burst cell
+(vanilla's capacity when it runs first, as by default).
+
+Beside the rows of ``bench``, each cell reports the ratios the targets are about,
+the attention kernel each configuration ran (vLLM CPU picks "amx" for bf16 at block
+sizes that are multiples of 32 when the CPU has AMX, else "vec", or "vec16"; the
+plugin always runs "vec"), preemptions, and, for memory-bound cells, the
+concurrency that fastgen's measured kept fraction allows under the admission rule
+(a whole prompt must fit uncompressed) and without it (admission by chunk).
+
+The batching curve (``--curve-points``): output tokens/s with exactly k requests in
+flight (a closed loop of k clients), ample memory, long outputs; from it, the
+throughput each curve predicts at fastgen's mean running count in the memory-bound
+long-output cells.
+
+``--quick`` shrinks everything (4 short prompts, 4/8 output tokens, one bound-2
+budget, curve 1 and 2) to check the pipeline and the JSON, not the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import bench
+from .common import cpu_info, git_commit, http_get, machine_info
+
+SCHEMA = "vllm-adaptive-kv-bench-suite/1"
+PLUGIN_BLOCK = 32  # plugin/engine_args.DEFAULT_BLOCK_SIZE (tests check they agree)
+ROUND_TOKENS = 128  # budgets are whole 128-token blocks per request: vLLM CPU's default block, a multiple of 32
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """One configuration: ``policy`` None is vanilla vLLM; ``block_size`` None is the server's default."""
+
+    label: str
+    policy: str | None
+    block_size: int | None
+    serve_args: tuple[str, ...] = ()
+    note: str = ""
+
+
+CONFIGS = {c.label: c for c in (
+    SuiteConfig("vanilla", None, None, note="vanilla vLLM at its defaults"),
+    SuiteConfig(f"vanilla-bs{PLUGIN_BLOCK}", None, PLUGIN_BLOCK, note="vanilla vLLM at the plugin's block size"),
+    SuiteConfig("full", "full", None, note="the plugin, no eviction"),
+    SuiteConfig("fastgen", "fastgen", None, note="the plugin, FastGen"),
+    # Experiment for the admission question: vLLM checks only the first prefill chunk
+    # against free blocks; the plugin still compresses at the prompt's end.
+    SuiteConfig("fastgen-chunk-admit", "fastgen", None, ("--no-scheduler-reserve-full-isl",),
+                "fastgen admitted by its first prefill chunk (--no-scheduler-reserve-full-isl)"),
+)}
+DEFAULT_CONFIGS = ("vanilla", f"vanilla-bs{PLUGIN_BLOCK}", "full", "fastgen")
+SAME_BLOCK_VANILLA = f"vanilla-bs{PLUGIN_BLOCK}"
+QUICK = {"num_requests": 4, "prompt_tokens": (150, 250), "short_output": 4, "long_output": 8,
+         "budgets": ["bound-2"], "curve_points": [1, 2], "max_model_len": 512}
+
+
+# --------------------------------------------------------------------------- CLI parsing (pure)
+
+
+def parse_budget(text: str) -> tuple[str, int | None]:
+    """``ample`` -> ("ample", None); ``bound-8`` -> ("bound-8", 8)."""
+    text = text.strip()
+    if text == "ample":
+        return text, None
+    match = re.fullmatch(r"bound-([1-9][0-9]*)", text)
+    if not match:
+        raise ValueError(f"budget {text!r} is invalid: allowed 'ample' or 'bound-K' (K whole requests, K >= 1)")
+    return text, int(match.group(1))
+
+
+def parse_list(name: str, text: str, item, allowed=None) -> list:
+    """Comma-separated distinct items, each through ``item`` (a ValueError names the bad one)."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{name}={text!r} is invalid ({'repeated items' if names else 'empty list'}): allowed "
+                         f"a comma-separated list of distinct items" + (f" from {', '.join(allowed)}" if allowed
+                                                                       else ""))
+    if allowed is not None:
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise ValueError(f"{name}={text!r} is invalid (unknown {bad[0]!r}): allowed {', '.join(allowed)}")
+    return [item(n) for n in names]
+
+
+def _points(text: str) -> list[int]:
+    def point(t):
+        if not t.isdigit() or int(t) < 1:
+            raise ValueError(f"--curve-points={text!r} is invalid ({t!r}): allowed integers >= 1")
+        return int(t)
+    if text.strip() == "none":
+        return []
+    return sorted(parse_list("--curve-points", text, point))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    typed, positive = bench._typed, bench._positive
+    p = argparse.ArgumentParser(prog="vllm-adaptive-kv bench --suite", description=__doc__.splitlines()[0])
+    w = p.add_argument_group("matrix")
+    w.add_argument("--quick", action="store_true", help="tiny sizes that check the pipeline and the JSON in "
+                   "about a minute, not the numbers (explicit options still win)")
+    w.add_argument("--num-requests", "-n", type=positive(int), default=16, help="requests per cell (default 16)")
+    w.add_argument("--prompt-tokens", type=typed(lambda t: bench.parse_range("--prompt-tokens", t, 64)),
+                   default="1250:1350", metavar="LO:HI", help="prompt tokens, drawn uniformly (default 1250:1350)")
+    w.add_argument("--short-output", type=positive(int), default=16, help="short output tokens (default 16)")
+    w.add_argument("--long-output", type=positive(int), default=256, help="long output tokens (default 256)")
+    w.add_argument("--outputs", type=typed(lambda t: parse_list("--outputs", t, str, ("short", "long"))),
+                   default="short,long", help="which output lengths (default short,long)")
+    w.add_argument("--budgets", type=typed(lambda t: parse_list("--budgets", t, lambda b: parse_budget(b)[0])),
+                   default="ample,bound-2,bound-8", metavar="LIST",
+                   help="'ample' and/or 'bound-K' (default ample,bound-2,bound-8)")
+    w.add_argument("--arrivals", type=typed(lambda t: parse_list("--arrivals", t, str, ("burst", "poisson"))),
+                   default="burst,poisson", help="burst (all at once) and/or poisson (default both)")
+    w.add_argument("--poisson-load", type=positive(float), default=0.9,
+                   help="Poisson rate as a fraction of the first configuration's burst requests/s (default 0.9)")
+    w.add_argument("--configs", type=typed(lambda t: parse_list("--configs", t, str, tuple(CONFIGS))),
+                   default=",".join(DEFAULT_CONFIGS), metavar="LIST",
+                   help=f"run in this order (default {','.join(DEFAULT_CONFIGS)}; also fastgen-chunk-admit)")
+    w.add_argument("--curve-points", type=typed(_points), default="1,2,4,8,16", metavar="LIST",
+                   help="batching curve: requests in flight ('none' to skip; default 1,2,4,8,16)")
+    w.add_argument("--curve-configs", type=typed(lambda t: parse_list("--curve-configs", t, str, tuple(CONFIGS))),
+                   default="vanilla,full", metavar="LIST", help="configurations measured for the curve, on the "
+                   "ample budget's servers (or the largest budget's; default vanilla,full)")
+    w.add_argument("--curve-rounds", type=positive(int), default=1,
+                   help="requests per client at each curve point (default 1)")
+    w.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    s = p.add_argument_group("servers (as in bench)")
+    s.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--dtype", default="bfloat16", help="(default bfloat16)")
+    s.add_argument("--max-model-len", type=positive(int), default=2048, help="(default 2048)")
+    s.add_argument("--max-num-seqs", type=positive(int), default=None, help="(default: vLLM's)")
+    s.add_argument("--kv-policy-config", default=None, metavar="YAML")
+    s.add_argument("--policy-arg", type=typed(bench.parse_policy_arg), action="append", default=[],
+                   metavar="KEY=VALUE")
+    s.add_argument("--serve-args", default="", metavar="ARGS", help="extra `vllm serve` arguments for every server")
+    s.add_argument("--vllm", default=str(Path(sys.executable).parent / "vllm"))
+    s.add_argument("--port", type=positive(int), default=None, help="first server port (default: free ones)")
+    s.add_argument("--start-timeout", type=positive(float), default=600.0)
+    s.add_argument("--request-timeout", type=positive(float), default=1800.0)
+    o = p.add_argument_group("output")
+    o.add_argument("--poll-interval", type=positive(float), default=0.2)
+    o.add_argument("--out", default=None, metavar="JSON", help="write the results here")
+    o.add_argument("--log-dir", default=None, help="server logs (default: a new temporary folder)")
+    return p
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """Parse; ``--quick`` changes the defaults, so options given explicitly still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    longest = args.prompt_tokens[1] + max(args.short_output, args.long_output)
+    if longest > args.max_model_len:
+        parser.error(f"--prompt-tokens={args.prompt_tokens[0]}:{args.prompt_tokens[1]} plus outputs up to "
+                     f"{max(args.short_output, args.long_output)} exceed --max-model-len={args.max_model_len}: "
+                     f"allowed a sum <= --max-model-len")
+    if "poisson" in args.arrivals and "burst" not in args.arrivals:
+        parser.error(f"--arrivals={','.join(args.arrivals)!r} is invalid: poisson needs burst too (its rate is "
+                     f"the first configuration's burst requests/s)")
+    if not Path(args.vllm).exists():
+        parser.error(f"--vllm={args.vllm!r} does not exist: allowed the path of a vllm executable")
+    args.parser = parser
+    return args
+
+
+# --------------------------------------------------------------------------- budgets and workloads (pure)
+
+
+def kv_bytes_per_token(model_config: dict, dtype: str) -> int:
+    """KV bytes of one token over every layer and KV head (K and V)."""
+    heads = model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+    kv_heads = model_config.get("num_key_value_heads", heads)
+    width = 4 if dtype in ("float32", "float") else 2
+    return 2 * model_config["num_hidden_layers"] * kv_heads * head_dim * width
+
+
+def round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def budget_bytes(name: str, request_tokens: int, num_requests: int, bytes_per_token: int) -> int:
+    """Bytes of a budget: ``ample`` holds ``num_requests``, ``bound-K`` K requests of
+    ``request_tokens`` (largest prompt + long output), each in whole 128-token blocks."""
+    _, k = parse_budget(name)
+    count = num_requests if k is None else k
+    return count * round_up(request_tokens, ROUND_TOKENS) * bytes_per_token
+
+
+def cell_workloads(args, render, count) -> dict:
+    """{(output, arrivals): workload}; prompts are the same in every cell (same seed)."""
+    lengths = {"short": args.short_output, "long": args.long_output}
+    return {out: bench.build_workload(args.num_requests, args.prompt_tokens, (lengths[out], lengths[out]),
+                                      args.seed, None, render, count) for out in args.outputs}
+
+
+def with_arrivals(workload: list, rate: float, seed: int) -> list:
+    """The same requests, arriving as a Poisson process at ``rate``."""
+    times = bench.arrival_times(len(workload), rate, seed)
+    return [bench.BenchRequest(**{**asdict(r), "arrival_s": t}) for r, t in zip(workload, times)]
+
+
+# --------------------------------------------------------------------------- concurrency (pure)
+
+
+def ideal_running(capacity_tokens: int, block_size: int, prompt_tokens: float, output_tokens: int,
+                  kept_fraction: float, num_requests: int, max_num_seqs: int | None = None) -> dict:
+    """How many requests can run at once, from the KV capacity and the measured kept fraction.
+
+    A compressed request holds ``kept x (prompt + output)`` slots in each (layer, KV
+    head) list, plus half a page of rounding on average. Under the admission rule a
+    new request also needs its whole prompt free, uncompressed, so::
+
+        by_rule  = 1 + floor((capacity - prompt rounded to pages) / compressed)
+        by_chunk = floor(capacity / compressed)     (admission by chunk: no whole-prompt room)
+        full     = floor(capacity / (prompt + output) rounded to pages)   (nothing evicted)
+
+    each at most the requests of the cell (and ``max_num_seqs``).
+    """
+    cap = min(num_requests, max_num_seqs or num_requests)
+    compressed = kept_fraction * (prompt_tokens + output_tokens) + block_size / 2
+    prompt_room = round_up(math.ceil(prompt_tokens), block_size)
+    by_rule = 0 if capacity_tokens < prompt_room else 1 + math.floor((capacity_tokens - prompt_room) / compressed)
+    by_chunk = math.floor(capacity_tokens / compressed)
+    full = math.floor(capacity_tokens / round_up(math.ceil(prompt_tokens + output_tokens), block_size))
+    return {"by_rule": min(by_rule, cap), "by_chunk": min(by_chunk, cap), "full": min(full, cap),
+            "compressed_tokens": compressed}
+
+
+def burst_mean(num_requests: int, at_once: int) -> float | None:
+    """Time-averaged running count of a burst of equal requests run ``at_once`` at a
+    time: the last wave runs short (16 requests 3 at a time: 16 / 6 = 2.67)."""
+    if at_once <= 0:
+        return None
+    return num_requests / math.ceil(num_requests / at_once)
+
+
+def curve_predict(points: list[dict], running: float | None) -> float | None:
+    """Output tokens/s at ``running`` in flight, linear between the measured points
+    (clamped to the ends); None without points or a running count."""
+    pts = sorted((p["in_flight"], p["output_tokens_per_s"]) for p in points
+                 if p.get("output_tokens_per_s") is not None)
+    if not pts or running is None:
+        return None
+    if running <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if running <= x1:
+            return y0 + (y1 - y0) * (running - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+# --------------------------------------------------------------------------- ratios and targets (pure)
+
+
+def _tps(runs: dict, label: str):
+    row = runs.get(label)
+    return None if row is None else row.get("output_tokens_per_s")
+
+
+def _points_diff(runs: dict, a: str, b: str):
+    ra, rb = runs.get(a), runs.get(b)
+    if not ra or not rb or ra.get("accuracy") is None or rb.get("accuracy") is None:
+        return None
+    return 100.0 * (ra["accuracy"] - rb["accuracy"])
+
+
+def cell_ratios(runs: dict) -> dict:
+    """The ratios the targets are about, from one cell's rows (None where a side is missing)."""
+    r = bench.ratio
+    return {
+        "full_vs_vanilla_same_block": r(_tps(runs, "full"), _tps(runs, SAME_BLOCK_VANILLA)),
+        "fastgen_vs_full": r(_tps(runs, "fastgen"), _tps(runs, "full")),
+        "fastgen_vs_vanilla": r(_tps(runs, "fastgen"), _tps(runs, "vanilla")),
+        "fastgen_vs_vanilla_same_block": r(_tps(runs, "fastgen"), _tps(runs, SAME_BLOCK_VANILLA)),
+        "full_vs_vanilla": r(_tps(runs, "full"), _tps(runs, "vanilla")),
+        "vanilla_same_block_vs_vanilla": r(_tps(runs, SAME_BLOCK_VANILLA), _tps(runs, "vanilla")),
+        "passkey_points_fastgen_vs_full": _points_diff(runs, "fastgen", "full"),
+        "passkey_points_fastgen_vs_vanilla": _points_diff(runs, "fastgen", "vanilla"),
+    }
+
+
+def cell_concurrency(cell: dict, capacity: dict, block_sizes: dict, max_num_seqs) -> dict | None:
+    """Fastgen's (and chunk-admit's) ideal vs measured running for a memory-bound cell."""
+    if cell["budget_k"] is None:
+        return None
+    w = cell["workload"]
+    prompt, output, n = w["prompt_tokens"]["mean"], w["output_tokens"]["max"], w["requests"]
+    out = {}
+    for label in ("fastgen", "fastgen-chunk-admit"):
+        row = cell["runs"].get(label)
+        if not row or row.get("kept_fraction") is None or label not in capacity:
+            continue
+        ideal = ideal_running(capacity[label], block_sizes[label], prompt, output, row["kept_fraction"], n,
+                              max_num_seqs)
+        mean = row.get("mean_running")
+        target = burst_mean(n, ideal["by_rule"]) if cell["arrivals"] == "burst" else ideal["by_rule"]
+        out[label] = {"ideal": ideal, "peak_running": row.get("peak_running"), "mean_running": mean,
+                      "ideal_mean": target, "mean_vs_ideal": bench.ratio(mean, target),
+                      "preemptions": row.get("preemptions")}
+    for label in ("vanilla", SAME_BLOCK_VANILLA, "full"):
+        row = cell["runs"].get(label)
+        if row and label in capacity:
+            full = ideal_running(capacity[label], block_sizes[label], prompt, output, 1.0, n, max_num_seqs)["full"]
+            out[label] = {"ideal": {"full": full}, "peak_running": row.get("peak_running"),
+                          "mean_running": row.get("mean_running"), "preemptions": row.get("preemptions")}
+    return out
+
+
+def target_checks(cells: list[dict]) -> list[dict]:
+    """One line per (target, cell): the measured value, the bar, met or not (None: not measured)."""
+    checks = []
+
+    def add(target, cell, value, bar, note=""):
+        checks.append({"target": target, "cell": cell["name"], "value": value, "bar": bar,
+                       "met": None if value is None else value >= bar, "note": note})
+
+    for cell in cells:
+        ratios = cell["ratios"]
+        if cell["budget_k"] is None:
+            add("ample: full >= 0.97x vanilla at the same block size", cell,
+                ratios["full_vs_vanilla_same_block"], 0.97)
+            add("ample: fastgen >= 0.97x full", cell, ratios["fastgen_vs_full"], 0.97)
+        else:
+            fg = (cell.get("concurrency") or {}).get("fastgen")
+            add("memory-bound: fastgen mean running >= 0.9x ideal (admission rule)", cell,
+                fg and fg["mean_vs_ideal"], 0.9, "ideal: the burst's time-average at the rule's count"
+                if cell["arrivals"] == "burst" else "ideal: the rule's count")
+            if cell["output"] == "long":
+                for curve_label, pred in (cell.get("curve_prediction") or {}).items():
+                    add(f"memory-bound: fastgen >= 0.9x the {curve_label} curve at its mean running", cell,
+                        bench.ratio(_tps(cell["runs"], "fastgen"), pred), 0.9)
+            add("memory-bound: fastgen >= full", cell, ratios["fastgen_vs_full"], 1.0)
+        diff = ratios["passkey_points_fastgen_vs_full"]
+        add("passkey: fastgen within 5 points of full", cell, diff, -5.0, "value: fastgen - full, in points")
+    return checks
+
+
+# --------------------------------------------------------------------------- servers and kernels
+
+
+def server_args(args, config: SuiteConfig, kv_bytes: int) -> argparse.Namespace:
+    """bench's server options for one configuration at one budget."""
+    serve = " ".join([args.serve_args, *config.serve_args]).strip()
+    return argparse.Namespace(vllm=args.vllm, dtype=args.dtype, max_model_len=args.max_model_len,
+                              kv_cache_memory_bytes=kv_bytes, enforce_eager=True, max_num_seqs=args.max_num_seqs,
+                              block_size=config.block_size, vanilla_prefix_caching=False,
+                              kv_policy_config=args.kv_policy_config, policy_arg=args.policy_arg,
+                              serve_args=serve, poll_interval=args.poll_interval,
+                              request_timeout=args.request_timeout, start_timeout=args.start_timeout)
+
+
+def cache_info(metrics_text: str) -> dict:
+    """Block size, blocks and KV tokens from vLLM's ``vllm:cache_config_info`` labels."""
+    for line in metrics_text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"', line))
+            as_int = {k: int(labels[k]) for k in ("block_size", "num_gpu_blocks") if labels.get(k, "").isdigit()}
+            if "block_size" in as_int and "num_gpu_blocks" in as_int:
+                as_int["capacity_tokens"] = as_int["block_size"] * as_int["num_gpu_blocks"]
+            return as_int
+    return {}
+
+
+PLUGIN_PATH = re.compile(r"vllm-adaptive-kv: .* attention path (\S+)")
+
+
+def attention_kernel(config: SuiteConfig, log_text: str, dtype: str, block_size: int | None,
+                     head_dim: int) -> dict:
+    """Which CPU attention kernel a server ran.
+
+    Vanilla: vLLM's own choice, ``_get_attn_isa`` of its CPU backend, evaluated here
+    with the server's dtype, block size and head_dim (it depends only on those and
+    the CPU). The plugin: its log names the path; the native one calls vLLM's
+    kernel with the "vec" ISA whatever the CPU offers.
+    """
+    if config.policy is None:
+        try:
+            import torch
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            isa = _get_attn_isa(getattr(torch, dtype), block_size, head_dim, "auto")
+        except Exception as e:  # noqa: BLE001 - a record, not a requirement
+            isa = f"unknown ({type(e).__name__}: {e})"
+        return {"path": "vllm-cpu-attn", "isa": isa}
+    match = PLUGIN_PATH.search(log_text)
+    path = match.group(1) if match else None
+    if path == "vllm-cpu-kernel":
+        from ..plugin.cpu.attention import ISA
+
+        return {"path": path, "isa": ISA}
+    return {"path": path, "isa": None}
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Suite:
+    """Runs the matrix, fills ``doc`` and writes it after every measurement."""
+
+    def __init__(self, args, model_dir: str, log_dir: Path) -> None:
+        self.args, self.model_dir, self.log_dir = args, model_dir, log_dir
+        self.model_config = json.loads((Path(model_dir) / "config.json").read_text())
+        heads = self.model_config["num_attention_heads"]
+        self.head_dim = self.model_config.get("head_dim") or self.model_config["hidden_size"] // heads
+        self.bytes_per_token = kv_bytes_per_token(self.model_config, args.dtype)
+        self.tokenizer = bench.tokenizer_fns(model_dir)  # (render, count)
+        self.rates: dict[tuple[str, str], float] = {}
+        self.doc: dict = {}
+
+    # --- set-up -----------------------------------------------------------------------
+
+    def begin(self, workloads: dict) -> None:
+        args = self.args
+        sample = next(iter(workloads.values()))
+        request_tokens = max(r.prompt_tokens for r in sample) + args.long_output
+        curve_n = max(args.curve_points, default=0) * args.curve_rounds
+        budgets = []
+        for name in args.budgets:
+            _, k = parse_budget(name)
+            size = budget_bytes(name, request_tokens, max(args.num_requests, curve_n), self.bytes_per_token)
+            if size // self.bytes_per_token < args.max_model_len:
+                args.parser.error(f"budget {name} holds {size // self.bytes_per_token} tokens, fewer than "
+                                  f"--max-model-len={args.max_model_len} (vLLM refuses to start): lower it")
+            budgets.append({"name": name, "k": k, "bytes": size, "servers": {}})
+        self.doc = {"schema": SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **git_commit(),
+                    "machine": machine_info(), "uptime_before": uptime(),
+                    "args": {k: v for k, v in vars(args).items() if k != "parser"},
+                    "kv_bytes_per_token": self.bytes_per_token, "request_tokens": request_tokens,
+                    "configs": {c: asdict(CONFIGS[c]) for c in args.configs},
+                    "budgets": budgets, "cells": [], "curve": {}, "targets": []}
+
+    # --- one budget -----------------------------------------------------------------------
+
+    def run_budget(self, budget: dict, workloads: dict, curve_here: bool) -> None:
+        for label in self.args.configs:
+            config = CONFIGS[label]
+            sargs = server_args(self.args, config, budget["bytes"])
+            port = bench.next_port(self.args)
+            cmd = bench.server_command(config.policy or bench.VANILLA, sargs, self.model_dir, port)
+            log_path = self.log_dir / f"serve-{budget['name']}-{label}.log"
+            with bench.Server(f"{budget['name']} {label}", cmd, port, log_path, self.args.start_timeout) as server:
+                info = cache_info(http_get(server.base + "/metrics"))
+                info.update({"start_s": server.start_s, "server_cmd": cmd, "log": str(log_path),
+                             "kernel": attention_kernel(config, bench.log_tail(log_path, 10**6), self.args.dtype,
+                                                        info.get("block_size"), self.head_dim)})
+                budget["servers"][label] = info
+                self.save()
+                for arrivals in self.args.arrivals:
+                    for out in self.args.outputs:
+                        self.run_cell(server, sargs, budget, label, out, arrivals, workloads[out])
+                if curve_here and label in self.args.curve_configs and self.args.curve_points:
+                    self.run_curve(server, sargs, label, budget["name"])
+
+    def cell(self, budget: dict, out: str, arrivals: str) -> dict:
+        name = f"{budget['name']}/{out}/{arrivals}"
+        for c in self.doc["cells"]:
+            if c["name"] == name:
+                return c
+        c = {"name": name, "budget": budget["name"], "budget_k": budget["k"], "budget_bytes": budget["bytes"],
+             "output": out, "arrivals": arrivals, "rate": None, "workload": None, "runs": {}}
+        self.doc["cells"].append(c)
+        return c
+
+    def run_cell(self, server, sargs, budget: dict, label: str, out: str, arrivals: str, workload: list) -> None:
+        cell = self.cell(budget, out, arrivals)
+        if arrivals == "poisson":
+            rate = self.rates.get((budget["name"], out))
+            if rate is None:  # no burst cell ran first to measure the capacity
+                return
+            workload = with_arrivals(workload, rate, self.args.seed)
+            cell["rate"] = rate
+        cell["workload"] = bench.workload_summary(workload, cell["rate"], self.args.seed)
+        row = bench.measure(server, label, workload, sargs)
+        row.pop("samples")  # the suite keeps summaries only (bench keeps every sample)
+        row["kernel"] = budget["servers"][label]["kernel"]
+        cell["runs"][label] = row
+        if arrivals == "burst" and (budget["name"], out) not in self.rates and row["requests_per_s"]:
+            self.rates[(budget["name"], out)] = self.args.poisson_load * row["requests_per_s"]
+        self.finish_cell(cell)
+        print(format_cell(cell), flush=True)
+        self.save()
+
+    def finish_cell(self, cell: dict) -> None:
+        servers = next(b for b in self.doc["budgets"] if b["name"] == cell["budget"])["servers"]
+        capacity = {k: v["capacity_tokens"] for k, v in servers.items() if "capacity_tokens" in v}
+        blocks = {k: v["block_size"] for k, v in servers.items() if "block_size" in v}
+        cell["ratios"] = cell_ratios(cell["runs"])
+        cell["concurrency"] = cell_concurrency(cell, capacity, blocks, self.args.max_num_seqs)
+        fg = (cell["concurrency"] or {}).get("fastgen")
+        cell["curve_prediction"] = {label: curve_predict(c["points"], fg and fg["mean_running"])
+                                    for label, c in self.doc["curve"].items()} if fg else {}
+
+    # --- the batching curve -------------------------------------------------------------------
+
+    def run_curve(self, server, sargs, label: str, budget_name: str) -> None:
+        args = self.args
+        need = max(args.curve_points) * args.curve_rounds
+        workload = bench.build_workload(need, args.prompt_tokens, (args.long_output, args.long_output), args.seed,
+                                        None, *self.tokenizer)
+        curve = self.doc["curve"].setdefault(label, {"budget": budget_name, "output_tokens": args.long_output,
+                                                     "points": []})
+        for k in args.curve_points:
+            row = bench.measure(server, label, workload[:k * args.curve_rounds], sargs, concurrency=k)
+            curve["points"].append({"in_flight": k, "output_tokens_per_s": row["output_tokens_per_s"],
+                                    "mean_running": row["mean_running"], "peak_running": row["peak_running"],
+                                    "tpot_s": row["tpot_s"], "wall_s": row["wall_s"], "failed": row["failed"],
+                                    "preemptions": row["preemptions"]})
+            print(f"[suite] curve {label}: {k} in flight -> {row['output_tokens_per_s']:.2f} output tok/s "
+                  f"(mean running {_f(row['mean_running'], '.2f')})", flush=True)
+            self.save()
+        for cell in self.doc["cells"]:
+            self.finish_cell(cell)
+
+    # --- output -----------------------------------------------------------------------
+
+    def finish(self) -> None:
+        for cell in self.doc["cells"]:
+            self.finish_cell(cell)
+        self.doc["targets"] = target_checks(self.doc["cells"])
+        self.doc["uptime_after"] = uptime()
+        self.doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.save()
+
+    def save(self) -> None:
+        bench.write_json(self.args.out, self.doc)
+
+
+def uptime() -> dict:
+    return {"time": time.strftime("%H:%M:%S"), "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+# --------------------------------------------------------------------------- printing (pure)
+
+
+def _f(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else format(value * scale, spec) + suffix
+
+
+def format_cell(cell: dict) -> str:
+    rate = f", Poisson {cell['rate']:.3f}/s" if cell.get("rate") else ", all at once"
+    w = cell["workload"]
+    lines = [f"\n== {cell['name']}: {w['requests']} requests, prompt {w['prompt_tokens']['min']}-"
+             f"{w['prompt_tokens']['max']} tokens, {w['output_tokens']['max']} out{rate}, "
+             f"{cell['budget_bytes'] / 2**20:.1f} MiB",
+             f"{'config':>20} {'kernel':>6} {'out tok/s':>9} {'peak run':>8} {'mean run':>8} {'preempt':>7} "
+             f"{'kept':>5} {'TTFT p50':>8} {'TTFT p99':>8} {'TPOT p50':>8} {'TPOT p99':>8} {'passkey':>7}"]
+    for label, r in cell["runs"].items():
+        lines.append(
+            f"{label:>20} {str(r['kernel'].get('isa') or r['kernel'].get('path')):>6} "
+            f"{_f(r['output_tokens_per_s'], '9.2f')} {_f(r['peak_running'], '8.0f')} "
+            f"{_f(r.get('mean_running'), '8.2f')} {_f(r.get('preemptions'), '7.0f')} "
+            f"{_f(r.get('kept_fraction'), '5.2f')} {_f(r['ttft_s']['p50'], '7.2f', suffix='s')} "
+            f"{_f(r['ttft_s']['p99'], '7.2f', suffix='s')} {_f(r['tpot_s']['p50'], '6.0f', 1e3, 'ms')} "
+            f"{_f(r['tpot_s']['p99'], '6.0f', 1e3, 'ms')} {_f(r['accuracy'], '6.1f', 100, '%')}")
+    ratios = cell.get("ratios") or {}
+    shown = [f"{k} {v:.2f}x" for k, v in ratios.items() if v is not None and not k.startswith("passkey")]
+    if shown:
+        lines.append("ratios: " + ", ".join(shown))
+    for label, c in (cell.get("concurrency") or {}).items():
+        ideal = c["ideal"]
+        if "by_rule" in ideal:
+            lines.append(f"{label}: ideal running {ideal['by_rule']} under the admission rule, {ideal['by_chunk']} "
+                         f"admitting by chunk, {ideal['full']} uncompressed; measured peak "
+                         f"{_f(c['peak_running'], '.0f')}, mean {_f(c['mean_running'], '.2f')} "
+                         f"(ideal mean {_f(c['ideal_mean'], '.2f')}: {_f(c['mean_vs_ideal'], '.2f')}x), "
+                         f"preemptions {_f(c['preemptions'], '.0f')}")
+        else:
+            lines.append(f"{label}: {ideal['full']} whole requests fit; measured peak {_f(c['peak_running'], '.0f')}, "
+                         f"mean {_f(c['mean_running'], '.2f')}, preemptions {_f(c['preemptions'], '.0f')}")
+    for label, pred in (cell.get("curve_prediction") or {}).items():
+        if pred is not None:
+            lines.append(f"{label} curve predicts {pred:.2f} output tok/s at fastgen's mean running")
+    return "\n".join(lines)
+
+
+def format_targets(checks: list[dict]) -> str:
+    lines = ["\n== targets (only ratios measured side by side in this run mean anything)"]
+    for c in checks:
+        verdict = "n/a" if c["met"] is None else ("met" if c["met"] else "MISSED")
+        lines.append(f"{verdict:>6}  {c['cell']:<24} {_f(c['value'], '.2f'):>6} (bar {c['bar']:.2f})  {c['target']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.model is None:
+        from ..model import prepare_model
+
+        args.model = str(prepare_model("smollm2"))
+    elif not Path(args.model).is_dir():
+        args.parser.error(f"--model={args.model!r} is not a folder: allowed a Hugging Face model folder")
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="vllm-adaptive-kv-suite-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    suite = Suite(args, args.model, log_dir)
+    workloads = cell_workloads(args, *suite.tokenizer)
+    suite.begin(workloads)
+    cpu = cpu_info()
+    print(f"[suite] {cpu['model']}, key flags {' '.join(cpu['key_flags']) or '-'}; configs {','.join(args.configs)}; "
+          f"budgets " + ", ".join(f"{b['name']} {b['bytes'] / 2**20:.1f} MiB" for b in suite.doc["budgets"])
+          + f"; logs in {log_dir}", flush=True)
+    budgets = suite.doc["budgets"]
+    curve_budget = next((b for b in budgets if b["k"] is None), max(budgets, key=lambda b: b["bytes"]))
+    # The curve's budget runs first, so memory-bound cells can be compared with it as they finish.
+    order = [curve_budget] + [b for b in budgets if b is not curve_budget]
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for budget in order:
+            suite.run_budget(budget, workloads, budget is curve_budget)
+    except KeyboardInterrupt:
+        print("[suite] interrupted; servers stopped", file=sys.stderr)
+        suite.save()
+        return 130
+    except RuntimeError as e:
+        print(f"[suite] error: {e}", file=sys.stderr)
+        suite.save()
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    suite.finish()
+    print(format_targets(suite.doc["targets"]))
+    if args.out:
+        print(f"\n[suite] results in {args.out}")
+    failed = any(r["failed"] or not r["server_alive_after"] for c in suite.doc["cells"] for r in c["runs"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
