@@ -768,6 +768,8 @@ def main(argv=None) -> int:
     print(format_table(doc["configs"]))
     if args.out:
         print(f"\n[bench] results in {args.out}")
+        from .bench_plot import plot_beside  # the PNG beside the JSON (matplotlib loads only here)
+        print(f"[bench] {plot_beside(args.out)}")
     failed = any(r["failed"] or not r["server_alive_after"] for r in doc["configs"])
     return 1 if failed else 0
 
