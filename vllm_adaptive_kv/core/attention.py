@@ -11,11 +11,15 @@ picks the path once, at start-up, and the pool is laid out for it::
                               [D, bs]
     TritonAttention   CUDA /  [bs, D]      Triton          inside the kernel
                       interp.
-    NativeCpuAttention CPU    [D, bs]      torch           list by list (``score_lists``)
-    (plugin/cpu/attention.py: vLLM's CPU kernel, which returns no probabilities)
+    NativeCpuAttention CPU    [D, bs]      C++ write,      decode: inside our C++ kernel;
+                                           torch compact   prefill rows: ``score_lists``
+    (plugin/cpu/attention.py: vLLM's CPU kernel, which returns no probabilities, over
+    the lists that do not score; without the C++ kernels (``cpu_kernels``) it attends
+    every list, writes in torch and scores list by list with ``score_lists``)
 
 Every path gets the same ``StepMetadata`` (``core/step.py``); a path that needs
-extra per-step tensors builds them once per step in ``plan``. The dense paths pass
+extra per-step tensors builds them once per step in ``plan``, and writes the step's
+K/V with ``write_kv`` (``kernel_impl`` by default). The dense paths pass
 the runtime's per-list score mask (``StepScoring.lists``) so that only lists whose
 policy reads scores accumulate them.
 """
@@ -35,6 +39,7 @@ from ..triton_kernels.paged_attention import (
     paged_attention,
     paged_attention_reference,
 )
+from ..triton_kernels.write_kv import write_kv
 from .layout import KVPool
 from .paging import PagedHeadCache
 from .step import StepMetadata
@@ -65,6 +70,12 @@ class AttentionPath:
     def plan(self, meta: StepMetadata) -> Any:
         """Per-step tensors of this path (None: it needs none)."""
         return None
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
+        """k / v [T, H, D] of ``layer`` into the slots the step allocated (``write_kv``, ``kernel_impl``)."""
+        pool, tokens = self.pool, meta.tokens
+        write_kv(k, v, tokens.slot_mapping[layer], tokens.positions, tokens.flags, pool.kv_pages, pool.slot_pos,
+                 pool.slot_flags, pool.slot_score, impl=self.kernel_impl, k_transposed=pool.k_transposed)
 
     def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: StepMetadata,
                scale: float) -> None:
@@ -156,10 +167,11 @@ def attention_path(name: str) -> AttentionPath:
 
 
 def score_lists(pool: KVPool, cache: PagedHeadCache, layer: int, q: torch.Tensor, meta: StepMetadata,
-                scale: float) -> None:
+                scale: float, decode: bool = True) -> None:
     """Scores of the step's observation rows at ``layer``, list by list.
 
-    For paths whose attention returns no probabilities. Decode lists gather only
+    For paths whose attention returns no probabilities (``decode=False``: the prefill
+    spans only, for a path that scores its decode lists itself). Decode lists gather only
     their own width (scored lists are compressed ones, often far shorter than the
     step's longest; a host read, free on CPU where this runs). Logit precision
     follows ``list_probs``, like the torch reference, so both paths decide alike.
@@ -170,7 +182,7 @@ def score_lists(pool: KVPool, cache: PagedHeadCache, layer: int, q: torch.Tensor
     by_head = q.view(num_tokens, num_heads, -1, head_dim)
     positions = meta.tokens.positions.long()
     width = max(meta.requests.width, 1)
-    if scoring.decode_lists[layer] is not None:
+    if decode and scoring.decode_lists[layer] is not None:
         token, row, head = scoring.decode_lists[layer]
         lens = cache.lens[row, layer, head]
         own = max(1, -(-int(lens.max()) // pool.block_size))

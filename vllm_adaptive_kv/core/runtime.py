@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 
 from ..triton_kernels.compaction import compact_slots
-from ..triton_kernels.write_kv import write_kv
 from .attention import AttentionPath
 from .config import KVPolicyConfig, parse_policy_config
 from .layout import KVPool
@@ -288,10 +287,7 @@ class HeadCacheRuntime:
 
         q [T, Hq, D], k / v [T, H, D], out [T, Hq, D] (written).
         """
-        pool, tokens = self.pool, meta.tokens
-        write_kv(k, v, tokens.slot_mapping[layer], tokens.positions, tokens.flags, pool.kv_pages,
-                 pool.slot_pos, pool.slot_flags, pool.slot_score, impl=self.attention.kernel_impl,
-                 k_transposed=pool.k_transposed)
+        self.attention.write_kv(layer, k, v, meta)
         self.attention.attend(layer, q, out, meta, scale)
         return out
 

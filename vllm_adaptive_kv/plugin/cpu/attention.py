@@ -27,7 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from ...core.attention import AttentionPath, score_lists
+from ...core.buffers import StepBuffers
 from ...core.step import StepMetadata
+from ...cpu_kernels import HAS_CPU_KERNELS, scored_decode_attention
+from ...cpu_kernels import write_kv as write_kv_cpu
 
 ISA = "vec"
 BLOCK_MULTIPLE = 32
@@ -73,29 +76,78 @@ class VllmCpuPagedAttention:
 
 
 @dataclass
-class NativePlan:
-    """Per-step tensors of the native path.
+class NativeLayer:
+    """One layer's share of the step: what vLLM's kernel attends, what ours attends and scores.
 
-    seq_start [H*R + 1] int32: first query row of sequence ``s = h * R + i`` in the
-    head-major query ``q.view(T, H, G, D).transpose(0, 1)``, i.e. ``h * T + start_i``::
+    The vLLM kernel gets the ``Ns`` (kv head, request) sequences of the layer that do
+    not score at decode, in head-major order::
+
+        query_rows [Nq] int64   rows of ``q.view(T * H, G, D)`` (row ``t * H + h``), sequence
+                                by sequence: the kernel's query is ``q_rows[query_rows]``
+        seq_start  [Ns + 1] int32   first query row of each sequence in that query
+        seq_lens   [Ns] int32   slots of each sequence's list (this step's tokens last)
+        table      [Ns, Wb] int32   each sequence's pages (Wb: the step's widest list)
+
+    ``scored`` = (token, row, head) int64 [N]: the decode lists whose slot scores grow this
+    step; ``scored_decode_attention`` (C++) attends them and adds their scores in the same
+    pass. None when no list of the layer scores at decode, or when the C++ kernels are not
+    built (then vLLM's kernel attends every list and ``score_lists`` scores in torch).
+    """
+
+    query_rows: torch.Tensor
+    seq_start: torch.Tensor
+    seq_lens: torch.Tensor
+    table: torch.Tensor
+    scored: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.numel()
+
+
+@dataclass
+class NativePlan:
+    """Per-step tensors of the native path: one ``NativeLayer`` per layer.
+
+    Sequence ``s = h * R + i`` is kv head h of request i; in head-major rows
+    ``q.view(T, H, G, D).transpose(0, 1)`` it starts at ``h * T + start_i``::
 
         T = 5, requests (start, n) = (0, 3), (3, 2), H = 2
         seq_start = [0, 3, 5, 8, 10]     (h0 r0, h0 r1, h1 r0, h1 r1, end)
+
+    Every layer's seq_lens and table come from one gather of the step's lists, and
+    layers with no scored list share one query_rows / seq_start.
     """
 
-    seq_start: torch.Tensor
+    layers: list[NativeLayer]
 
 
 class NativeCpuAttention(AttentionPath):
-    """vLLM's CPU kernel for attention; observation rows scored by ``score_lists``."""
+    """vLLM's CPU kernel for attention; decode lists that score, our C++ kernel (or torch).
+
+    ``fused_scores`` (default: when ``vllm_adaptive_kv._C`` is built) sends the decode
+    lists whose scores grow (``StepScoring.decode_lists``) to ``scored_decode_attention``,
+    which attends them and adds their scores reading K and V once; vLLM's kernel attends
+    the rest. Without it vLLM's kernel attends every list and ``score_lists`` gathers the
+    scored ones again in torch. Observation rows of prefill chunks (the prompt's last
+    window) are scored by ``score_lists`` either way.
+
+    Per-step tensors are views of ``StepBuffers`` sized at ``bind`` for a decode step of
+    every request row (``max_reqs`` tokens): decode steps allocate no buffer.
+    """
 
     name = "vllm-cpu-kernel"
     k_transposed = True
     scores_by_list = True  # the kernel returns no probabilities
 
-    def __init__(self, query_group: int, head_dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, query_group: int, head_dim: int, dtype: torch.dtype, fused_scores: bool | None = None) -> None:
         self.kernel = VllmCpuPagedAttention(query_group, head_dim, dtype)
         self.query_group = query_group
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.fused_scores = HAS_CPU_KERNELS if fused_scores is None else fused_scores
+        if self.fused_scores and not HAS_CPU_KERNELS:
+            raise RuntimeError("fused_scores=True needs vllm_adaptive_kv._C (make setup builds it)")
 
     def bind(self, pool, cache, query_group: int = 1) -> None:
         if query_group != self.query_group:
@@ -104,33 +156,120 @@ class NativeCpuAttention(AttentionPath):
         # [P, 1, bs, D] views of the K / V blocks: one KV head per (list) sequence
         self._keys = pool.kv_pages[:, 0].unsqueeze(1)
         self._values = pool.kv_pages[:, 1].unsqueeze(1)
+        self.buffers = StepBuffers(cache.device)
+        max_reqs, layers, heads = cache.shape
+        lists = max_reqs * layers * heads  # a decode step of every row: one token per list
+        for name, numel, dtype in (("query", max_reqs * heads * query_group * self.head_dim, self.dtype),
+                                   ("result", max_reqs * heads * query_group * self.head_dim, self.dtype),
+                                   ("list_id", lists, torch.int64), ("seq_lens", lists, torch.int32),
+                                   ("table", lists * cache.width, torch.int32)):
+            self.buffers.reserve(name, numel, dtype)
+
+    # --- per step -----------------------------------------------------------------
 
     def plan(self, meta: StepMetadata) -> NativePlan:
-        total = meta.requests.total_tokens
-        heads = self.cache.lens.shape[2]
-        starts = torch.tensor(meta.requests.starts, dtype=torch.int64)
-        seq_start = (torch.arange(heads, dtype=torch.int64)[:, None] * total + starts).reshape(-1)
-        seq_start = torch.cat([seq_start, torch.tensor([heads * total])]).to(torch.int32)
-        return NativePlan(seq_start.to(self.cache.device))
+        """Split every layer's sequences between the two kernels and gather their tables."""
+        requests = meta.requests
+        layers, heads = self.cache.shape[1], self.cache.shape[2]
+        num_reqs, total = len(requests.rows), requests.total_tokens
+        device = self.cache.device
+        counts = torch.tensor(requests.num_tokens, dtype=torch.int64, device=device)  # [R]
+        scored = self._scored_lists(meta)
+        keep = None  # [L, H, R] bool: sequences vLLM's kernel attends (None: all of them)
+        if any(s is not None for s in scored):
+            keep = torch.ones(layers, heads, num_reqs, dtype=torch.bool, device=device)
+            token_req = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts, output_size=total)
+            for layer, lists in enumerate(scored):
+                if lists is not None:
+                    keep[layer, lists[2], token_req[lists[0]]] = False
+        lens, table, per_layer = self._gather_lists(requests.rows_t, keep, max(requests.width, 1))
+        # head-major query rows (t * H + h ordered by (h, t)) and the sequences' first rows
+        rows_hm = (torch.arange(total, device=device) * heads + torch.arange(heads, device=device)[:, None])
+        seq_tokens = counts.repeat(heads)  # [H * R], sequence s = h * R + i
+        if keep is None:
+            query_rows, seq_start = rows_hm.reshape(-1), self._starts(seq_tokens)
+            return NativePlan([NativeLayer(query_rows, seq_start, lens_l, table_l, None)
+                               for lens_l, table_l in zip(lens.split(per_layer), table.split(per_layer))])
+        kept_rows = keep.reshape(layers, -1).repeat_interleave(seq_tokens, dim=1)  # [L, H * T]
+        rows_per_layer = kept_rows.sum(1).tolist()
+        query_rows = rows_hm.reshape(1, -1).expand(layers, -1)[kept_rows].split(rows_per_layer)
+        kept = keep.reshape(layers, -1)
+        return NativePlan([
+            NativeLayer(query_rows[layer], self._starts(seq_tokens[kept[layer]]), lens_l, table_l, scored[layer])
+            for layer, (lens_l, table_l) in enumerate(zip(lens.split(per_layer), table.split(per_layer)))])
+
+    def _scored_lists(self, meta: StepMetadata) -> list:
+        """Per layer, the (token, row, head) decode lists the fused kernel attends (or None)."""
+        scoring = meta.scoring
+        if not self.fused_scores or scoring is None or scoring.decode_lists is None:
+            return [None] * self.cache.shape[1]
+        return list(scoring.decode_lists)
+
+    def _gather_lists(self, rows_t: torch.Tensor, keep: torch.Tensor | None, width: int):
+        """(seq_lens [N] int32, table [N, width] int32, per-layer counts) of the kept sequences.
+
+        Lists are flattened (layer, head, request), the order of ``keep``; one gather each
+        from the page tables, into the step buffers.
+        """
+        max_reqs, layers, heads = self.cache.shape
+        list_id = (rows_t * (layers * heads) + (torch.arange(layers, device=rows_t.device)[:, None] * heads
+                   + torch.arange(heads, device=rows_t.device))[..., None])  # [L, H, R]
+        if keep is None:
+            per_layer = [heads * rows_t.numel()] * layers
+            list_id = list_id.reshape(-1)
+        else:
+            per_layer = keep.reshape(layers, -1).sum(1).tolist()
+            list_id = list_id[keep]
+        count = list_id.numel()
+        lens = torch.index_select(self.cache.lens.view(-1), 0, list_id,
+                                  out=self.buffers.take("seq_lens", (count,), torch.int32))
+        tables = self.cache.table.view(-1, self.cache.width)[:, :width]
+        table = torch.index_select(tables, 0, list_id, out=self.buffers.take("table", (count, width), torch.int32))
+        return lens, table, per_layer
+
+    @staticmethod
+    def _starts(seq_tokens: torch.Tensor) -> torch.Tensor:
+        """[N + 1] int32 first query row of each sequence, then the end."""
+        starts = torch.zeros(seq_tokens.numel() + 1, dtype=torch.int32, device=seq_tokens.device)
+        torch.cumsum(seq_tokens, 0, dtype=torch.int32, out=starts[1:])
+        return starts
+
+    # --- per layer ----------------------------------------------------------------
+
+    def write_kv(self, layer, k, v, meta) -> None:
+        """The C++ write (one loop; the torch reference is a dozen indexing ops) when built."""
+        if not HAS_CPU_KERNELS:
+            return super().write_kv(layer, k, v, meta)
+        pool, tokens = self.pool, meta.tokens
+        write_kv_cpu(k, v, tokens.slot_mapping[layer], tokens.positions, tokens.flags, pool.kv_pages, pool.slot_pos,
+                     pool.slot_flags, pool.slot_score, k_transposed=True)
 
     def attend(self, layer, q, out, meta, scale) -> None:
-        """All of the step's queries in one kernel call, then the scores.
+        """vLLM's kernel over the layer's unscored sequences, ours over its scored decode lists.
 
-        Query rows are regrouped head-major so each (head, request) sequence is
-        contiguous; its keys are the list's first ``seq_len`` slots, the last
-        ``num_tokens`` of which are this step's own tokens (causal by index).
+        The vLLM kernel's query is the layer's ``query_rows`` of ``q`` (head-major, each
+        sequence's rows contiguous); its keys are each list's first ``seq_len`` slots, the
+        last ``num_tokens`` of which are this step's own tokens (causal by index).
         """
         num_tokens, _, head_dim = q.shape
-        heads = self.cache.lens.shape[2]
-        query = q.view(num_tokens, heads, self.query_group, head_dim).transpose(0, 1).reshape(-1, self.query_group, head_dim)
-        result = torch.empty_like(query)
-        rows = meta.requests.rows_t
-        seq_lens = self.cache.lens[rows, layer].t().reshape(-1)  # [H*R] int32
-        table = self.cache.table[rows, layer, :, :max(meta.requests.width, 1)].transpose(0, 1).reshape(
-            heads * rows.numel(), -1)
-        self.kernel(query, self._keys, self._values, result, meta.path.seq_start, seq_lens, table, scale)
-        out.view(num_tokens, heads, self.query_group, head_dim).copy_(
-            result.view(heads, num_tokens, self.query_group, head_dim).transpose(0, 1))
-        if meta.scoring is not None:
+        heads = self.cache.shape[2]
+        plan = meta.path.layers[layer]
+        by_row = (num_tokens * heads, self.query_group, head_dim)
+        if plan.num_seqs:
+            rows = plan.query_rows.numel()
+            query = torch.index_select(q.view(by_row), 0, plan.query_rows,
+                                       out=self.buffers.take("query", (rows, *by_row[1:]), q.dtype))
+            result = self.buffers.take("result", (rows, *by_row[1:]), q.dtype)
+            self.kernel(query, self._keys, self._values, result, plan.seq_start, plan.seq_lens, plan.table, scale)
+            out.view(by_row).index_copy_(0, plan.query_rows, result)
+        if plan.scored is not None:
+            token, row, head = plan.scored
+            pool = self.pool
+            scored_decode_attention(q, token, row, head, self.cache.table[:, layer], self.cache.lens[:, layer],
+                                    meta.tokens.positions, pool.kv_pages, pool.slot_pos, out, pool.slot_score,
+                                    scale)
+        scoring = meta.scoring
+        if scoring is not None and (scoring.spans or (not self.fused_scores and scoring.decode_lists is not None
+                                                       and scoring.decode_lists[layer] is not None)):
             with self.timer.part("score_s"):
-                score_lists(self.pool, self.cache, layer, q, meta, scale)
+                score_lists(self.pool, self.cache, layer, q, meta, scale, decode=not self.fused_scores)

@@ -1,0 +1,35 @@
+"""Build hook: the optional C++ CPU kernels (``vllm_adaptive_kv._C``, from ``csrc/``).
+
+The project's metadata is in pyproject.toml. This file only adds the extension,
+built against the torch already installed, so it needs ``pip install
+--no-build-isolation`` (``scripts/setup.sh`` passes it). Without torch at build
+time (an isolated build, e.g. the GPU Docker image) or without a C++ compiler, the
+package installs without the extension and the CPU path falls back to torch
+(``vllm_adaptive_kv/cpu_kernels.py``); ``scripts/setup.sh`` checks that it built.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+
+SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/scored_decode_attention.cpp", "csrc/cpu/write_kv.cpp"]
+
+
+def extensions():
+    if os.environ.get("VLLM_ADAPTIVE_KV_NO_EXT"):
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("vllm-adaptive-kv: torch is not importable at build time: building without the C++ CPU "
+              "kernels (pip install --no-build-isolation builds them)", file=sys.stderr)
+        return {}
+    # -O3 and OpenMP SIMD pragmas; no -march: the same build must run on AVX2-only machines (the hot
+    # loops carry their own AVX-512 / AVX2 clones). Ninja, when installed, compiles the files in parallel.
+    ext = CppExtension("vllm_adaptive_kv._C", SOURCES, extra_compile_args=["-O3", "-fopenmp-simd"],
+                       optional=True)
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**extensions())

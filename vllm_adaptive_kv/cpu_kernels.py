@@ -1,0 +1,89 @@
+"""The C++ CPU kernels (``csrc/cpu/``), each with a thin checked wrapper and its torch reference.
+
+``vllm_adaptive_kv._C`` is built by the package's install step (``setup.py``; ``make
+setup`` installs with ``--no-build-isolation`` so it compiles against the installed
+torch). Importing it registers the ops under ``torch.ops.adaptive_kv``. When it was
+not built (no compiler, an isolated build), ``HAS_CPU_KERNELS`` is False and callers
+use the torch path; the reference here is also the kernels' test oracle.
+
+    scored_decode_attention   decode attention of scored lists, adding each slot's
+                              softmax probability (summed over the query group) to
+                              its score, reading K and V once
+    write_kv                  a layer's new K/V rows and slot metadata into their slots
+                              (reference: ``triton_kernels.write_kv.write_kv_reference``)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_kernels.paged_attention import add_slot_scores, list_attention
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.adaptive_kv)
+
+    HAS_CPU_KERNELS = True
+except ImportError:  # not built: the torch paths run instead
+    HAS_CPU_KERNELS = False
+
+__all__ = ["HAS_CPU_KERNELS", "scored_decode_attention", "scored_decode_attention_reference", "write_kv"]
+
+NOT_BUILT = ("vllm_adaptive_kv._C is not built (make setup builds it, or pip install --no-build-isolation -e .); "
+             "use the torch reference")
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+             flags: torch.Tensor, kv_pages: torch.Tensor, slot_pos: torch.Tensor, slot_flags: torch.Tensor,
+             slot_score: torch.Tensor, k_transposed: bool = False) -> None:
+    """``triton_kernels.write_kv.write_kv`` on the CPU in one C++ loop (same arguments, minus ``impl``).
+
+    key / value [T, H, D], slot_mapping [T, H] int64 (-1 = skip), positions [T] int32,
+    flags [T] uint8; every written slot's score is reset to 0. Reference:
+    ``write_kv_reference``. The kernel checks shapes, dtypes, devices and slot bounds
+    and raises naming the argument (checks in Python would cost more than the write).
+    """
+    if not HAS_CPU_KERNELS:
+        raise RuntimeError(NOT_BUILT)
+    torch.ops.adaptive_kv.write_kv(key, value, slot_mapping, positions, flags, kv_pages, slot_pos, slot_flags,
+                                   slot_score, k_transposed)
+
+
+def scored_decode_attention(q: torch.Tensor, token: torch.Tensor, row: torch.Tensor, head: torch.Tensor,
+                            table: torch.Tensor, lens: torch.Tensor, q_pos: torch.Tensor,
+                            kv_pages: torch.Tensor, slot_pos: torch.Tensor, out: torch.Tensor,
+                            slot_score: torch.Tensor, scale: float) -> None:
+    """Attention and scores of N decode lists, one query token each, in place.
+
+    q [T, Hq, D] (pool dtype, last dim contiguous); list n is (token[n], row[n],
+    head[n]) int64 [N]: its G = Hq / H query heads ``head * G ..`` of token ``token``
+    attend list (row, head) of the layer views ``table [R, H, W]`` / ``lens [R, H]``
+    int32; key slot s is visible iff ``s < lens`` and ``slot_pos <= q_pos[token]``
+    (q_pos [T] int32). kv_pages [P, 2, bs, D] with K blocks stored [D, bs]
+    (``k_transposed``). Writes out [T, Hq, D] for those rows and adds each visible
+    slot's probability, summed over the G heads, to slot_score [P, bs] fp32. Each list
+    must appear once (no two lists share a slot). The kernel checks shapes, dtypes and
+    index bounds and raises naming the argument; it reads no other tensor.
+    """
+    if not HAS_CPU_KERNELS:
+        raise RuntimeError(NOT_BUILT)
+    torch.ops.adaptive_kv.scored_decode_attention(q, token, row, head, table, lens, q_pos, kv_pages, slot_pos,
+                                                  out, slot_score, float(scale))
+
+
+def scored_decode_attention_reference(q, token, row, head, table, lens, q_pos, kv_pages, slot_pos, out,
+                                      slot_score, scale) -> None:
+    """Torch version of :func:`scored_decode_attention` (same arguments): the score rule of
+    ``list_probs`` / ``add_slot_scores`` with decode logits in the pool's dtype."""
+    if token.numel() == 0:
+        return
+    num_heads = table.shape[1]
+    group = q.shape[1] // num_heads
+    head_dim = q.shape[2]
+    list_lens = lens[row, head]
+    width = max(1, -(-int(list_lens.max()) // kv_pages.shape[2]))
+    page = table[row, head, :width]
+    ql = q.view(q.shape[0], num_heads, group, head_dim)[token, head][:, None]  # [N, 1, G, D]
+    attn, probs, page = list_attention(ql, page, list_lens, q_pos[token].long()[:, None], kv_pages, slot_pos,
+                                       scale, k_transposed=True, decode_logits_in_pool_dtype=True)
+    out.view(q.shape[0], num_heads, group, head_dim)[token, head] = attn[:, 0].to(out.dtype)
+    add_slot_scores(slot_score, probs, page)
