@@ -500,7 +500,7 @@ def test_kvpress_jobs_and_rows_from_a_driver_output():
         {"first_divergence": None, "correct": True, "prompt_tokens": 1000, "depth": 0.5}]} for t in ("passkey", "chat")}
     rows[0].update({"params": {}, "mean_quality": 100.0, "mean_kept_fraction": 1.0})
     table = ev.markdown_table(results)
-    assert "masks keys, frees no memory" in table and "head-wise presses (adakv_*) mask keys" in table
+    assert "masks keys, frees no memory" in table and "head-wise presses (kvzip, adakv_*) mask keys" in table
     assert "| kvpress:snapkv @ fastgen T=0.95 | 1.500 | +50.0% | 0.200 |" not in ev.divergence_table(results)
     assert "| 75.0 | 1.500 | +50.0% | 0.200 |" in ev.divergence_table(results)  # vs transformers' own full
 

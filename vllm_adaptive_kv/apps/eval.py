@@ -63,7 +63,7 @@ READABLE_SCHEMAS = (1, 2)
 # head-wise: they mask keys with fake ones and free no memory (kvpress's own documentation).
 KVPRESS_PRESSES = ("snapkv", "streamingllm", "expected_attention", "tova", "kvzip", "knorm",
                    "adakv_snapkv", "adakv_expected_attention")
-KVPRESS_MASKED = ("adakv_snapkv", "adakv_expected_attention")
+KVPRESS_MASKED = ("kvzip", "adakv_snapkv", "adakv_expected_attention")  # kvpress 0.5.5's KVzip masks too
 REPO = Path(__file__).resolve().parents[2]
 KEPT = "vllm_adaptive_kv:kept_fraction"
 HEAD_POLICY = "vllm_adaptive_kv:head_policy_total"
@@ -714,7 +714,10 @@ def kvpress_rows(out: dict, index: dict, suite: dict[str, list[Item]], presses: 
                               None if press == "none" else point)
             row = setting_row(setting, tasks)
             row["engine"] = "transformers"
-            row["masked"] = press in KVPRESS_MASKED
+            # masked: declared head-wise, or measured: the prompt's slots stayed while the ratio said drop
+            row["masked"] = press in KVPRESS_MASKED or any(
+                r["kept_after_prefill"] > 1 - r["compression_ratio"] + 0.02 for t in tasks.values() for r in [
+                    {"kept_after_prefill": t["kept_after_prefill"], "compression_ratio": t["compression_ratio"]}])
             row["params"] = {t: {"compression_ratio": round(v["compression_ratio"], 4)} for t, v in tasks.items()}
             rows.append(row)
     return rows
@@ -814,7 +817,7 @@ def markdown_table(results: dict) -> str:
     ]
     if any(r.get("engine") == "transformers" for r in results["settings"]):
         notes.append("Rows from transformers (kvpress venv): KV % is nominal, from the press's compression of the "
-                     "prompt (generated tokens are never compressed); head-wise presses (adakv_*) mask keys "
+                     "prompt (generated tokens are never compressed); head-wise presses (kvzip, adakv_*) mask keys "
                      "with fake ones and free no memory. Their chat agreement is against transformers' own "
                      "full-cache output.")
     return "\n".join(lines + notes) + "\n"
@@ -1060,6 +1063,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FastGen variants, comma-separated: default, paper (fastgen-paper), or hyperparameters "
                         "joined by '+', e.g. recent_window=32+decode_protect=32; baselines and kvpress are "
                         "matched to the first (default: default)")
+    p.add_argument("--ruler-tokens", type=int, default=None, metavar="N",
+                   help=f"target prompt tokens of the RULER tasks (default {FULL_SIZE.ruler_tokens}; --quick: "
+                        f"{QUICK_SIZE.ruler_tokens}); the answer tokens come on top")
     p.add_argument("--no-fidelity", action="store_true",
                    help="skip chat's teacher-forced NLL / KL runs (apps/fidelity.py)")
     p.add_argument("--kvpress", type=kvpress_arg, default=None, metavar="PRESSES",
@@ -1172,6 +1178,10 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
         parser.error(f"--prompts-per-task: {args.prompts_per_task} is invalid: allowed values are integers from 1 "
                      f"to {base.max_prompts}" + (" with --quick" if args.quick else ""))
     args.size = base.with_prompts(args.prompts_per_task)
+    if args.ruler_tokens is not None:
+        if args.ruler_tokens < 100:
+            parser.error(f"--ruler-tokens: {args.ruler_tokens} is invalid: allowed values are integers >= 100")
+        args.size = replace(args.size, ruler_tokens=args.ruler_tokens)
     if not args.from_json and (problem := model_problem(args.model)):
         parser.error(f"--model: {problem}")
     return args

@@ -24,8 +24,8 @@ OUT.json: ``{"versions": {...}, "results": [{"id", "press", "compression_ratio",
 "output_ids", "text", "prompt_tokens", "kept_after_prefill", "seconds", and with
 fidelity "nll", "kl", "forced_agreement", "forced_tokens"}]}``. ``kept_after_prefill``
 is the fraction of prompt KV slots physically left in the cache (summed over layers
-and KV heads); head-wise presses (AdaKV) mask keys instead of dropping them, so theirs
-stays 1.0 while the nominal fraction is ``1 - compression_ratio``.
+and KV heads); head-wise presses (AdaKV, and KVzip in kvpress 0.5.5) mask keys instead
+of dropping them, so theirs stays 1.0 while the nominal fraction is ``1 - compression_ratio``.
 """
 
 from __future__ import annotations
@@ -122,6 +122,9 @@ def run(jobs: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     if jobs.get("threads"):
         torch.set_num_threads(int(jobs["threads"]))
