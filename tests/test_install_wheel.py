@@ -157,6 +157,8 @@ def test_doctor_names_vllm_cpus_two_breakages_and_fix_repairs_them(installed, re
     assert any(line.startswith("fixed vllm serve: wrote ") for line in out)
     assert any(line.startswith("fixed transformers: uninstalled torchvision") for line in out)
     assert out[-1].startswith("doctor: ready"), fixed.stdout
+    if shutil.which(os.environ.get("CXX", "c++")):  # the wheel was built with its C++ CPU kernels
+        assert any(line.startswith("ok   device: ") and "C++ kernels" in line for line in out), fixed.stdout
 
 
 @pytest.fixture(scope="module")
