@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from ..core.config import parse_policy_config, read_policy_file, split_policy_settings
 from ..core.policies import POLICY_NAMES
+from .shutdown import install_request_ending_shutdown
 
 log = logging.getLogger("vllm.adaptive_kv")  # under "vllm" so vLLM's log handler prints it
 
@@ -221,6 +222,7 @@ def create_engine_config_with_policy(self, *args, **kwargs):
     vllm_config = _ORIGINALS["create_engine_config"](self, *args, **kwargs)
     check_engine_config(vllm_config, settings["kv_policy"])
     _SERVER_SETTINGS = settings
+    install_request_ending_shutdown()  # SIGTERM under load ends `vllm serve` (plugin/shutdown.py)
     return vllm_config
 
 

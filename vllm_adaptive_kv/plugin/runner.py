@@ -21,6 +21,7 @@ asks the device part (``_attention_path``) which attention path runs over it.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -158,17 +159,25 @@ class AdaptiveRunnerMixin:
         for req_id in req_ids:
             if req_id not in runtime.rows:
                 state = self.requests[req_id]
-                runtime.add(req_id, len(state.prompt_token_ids or ()), self._request_config(state))
+                runtime.add(req_id, len(state.prompt_token_ids or ()), self._request_config(req_id, state))
         counts = [int(num_scheduled[r]) for r in req_ids]
         self._adaptive_source.step = runtime.plan_step(
             req_ids, counts, self.positions[:total], self.input_ids.gpu[:total])
 
-    def _request_config(self, state):
+    def _request_config(self, req_id: str, state):
         extra = getattr(state.sampling_params, "extra_args", None) if state.sampling_params else None
         runtime = self._adaptive_source.runtime
         if not extra:
             return runtime.default_config
-        return parse_policy_config(request_policy_settings(runtime.default_settings, extra))
+        try:
+            settings = request_policy_settings(runtime.default_settings, extra)
+            raise_test_fault(settings)
+            return parse_policy_config(settings)
+        except Exception as err:
+            # The frontend's validator accepted these settings, so failing here is a
+            # bug. Fail loudly, naming the request: vLLM then fails the engine, its
+            # requests get an error and the server shuts down rather than hang.
+            raise RequestPolicyError(req_id, extra, err) from err
 
     def _model_forward(self, *args, **kwargs):
         output = super()._model_forward(*args, **kwargs)
@@ -182,6 +191,30 @@ class AdaptiveRunnerMixin:
             if has_kv_transfer_group():
                 get_kv_transfer_group().set_step_report(report)
         return output
+
+
+class RequestPolicyError(RuntimeError):
+    """A request's kv policy settings failed inside the worker (the frontend had accepted them)."""
+
+    def __init__(self, req_id: str, extra_args, cause: Exception) -> None:
+        super().__init__(f"vllm-adaptive-kv: the kv policy settings of request {req_id} failed in the worker: "
+                         f"{type(cause).__name__}: {cause} (extra_args {extra_args!r}). The frontend had "
+                         "accepted them, so this is a bug in vllm-adaptive-kv: please report it")
+
+
+# Tests only (tests/test_reliability_server.py): "key=value" makes the worker fail, as
+# a bug would, on a request whose policy settings hold that value. Never set in use.
+TEST_FAULT_ENV = "VLLM_ADAPTIVE_KV_TEST_FAULT"
+
+
+def raise_test_fault(settings: dict) -> None:
+    """Raise if ``VLLM_ADAPTIVE_KV_TEST_FAULT`` (``key=value``) matches ``settings``."""
+    spec = os.environ.get(TEST_FAULT_ENV)
+    if not spec or "=" not in spec:
+        return
+    key, value = spec.split("=", 1)
+    if key in settings and str(settings[key]) == value:
+        raise RuntimeError(f"injected test fault ({TEST_FAULT_ENV}={spec})")
 
 
 def audit_idle_pool(cache) -> list[str]:
