@@ -237,7 +237,7 @@ def check_vllm(facts: Facts) -> Finding:
                        f"({SUPPORTED_VLLM}) and stays off outside it",
                        f"pip install '{dist}{SUPPORTED_VLLM}' (or use a vllm-adaptive-kv made for {dist} {version})")
     error = import_error(facts, "vllm")
-    if error and not explained_by_torch_extras(facts):
+    if error and "torchvision" not in broken_torch_extras(facts):  # else the transformers line names the cause
         return Finding("vLLM", FAIL, f"{dist} {version} is supported but `from vllm import LLM` fails: {error}",
                        f"reinstall {dist}=={version} with the torch it pins")
     return Finding("vLLM", OK, f"{dist} {version}, supported ({wanted})")
@@ -270,10 +270,6 @@ def check_vllm_metadata(facts: Facts) -> Finding:
                    "PackageNotFoundError: vllm (vLLM's CLI asks for it before any plugin loads)",
                    f"vllm-adaptive-kv doctor --fix (writes a metadata-only vllm-{alias}.dist-info)",
                    apply=lambda: write_vllm_alias(version))
-
-
-def explained_by_torch_extras(facts: Facts) -> bool:
-    return bool(broken_torch_extras(facts))
 
 
 def broken_torch_extras(facts: Facts) -> list[str]:
