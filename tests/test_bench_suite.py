@@ -132,8 +132,33 @@ def test_cell_ratios_concurrency_and_targets():
     bound = [c for c in checks if c["cell"] == "bound-2/short/burst"]
     assert any(c["target"].startswith("memory-bound: fastgen mean running") and c["met"] is False for c in bound)
     assert any(c["target"].startswith("memory-bound: fastgen >= full") and c["met"] for c in bound)
+    poisson = bench_suite.target_checks([{**cell, "name": "bound-2/short/poisson", "arrivals": "poisson"}])
+    assert not any(c["target"].startswith("memory-bound: fastgen mean running") for c in poisson)
     text = bench_suite.format_targets(checks)
     assert "MISSED" in text and "met" in text
+
+
+def test_markdown_report_of_a_run():
+    row = {"output_tokens_per_s": 10.0, "peak_running": 2, "mean_running": 1.9, "preemptions": 0,
+           "kept_fraction": 0.55, "ttft_s": {"p50": 1.0, "p99": 2.0}, "tpot_s": {"p50": 0.02, "p99": 0.05},
+           "accuracy": 0.75, "completed": 4, "failed": 0, "loadavg_after": [1.5, 1.0, 1.0]}
+    doc = {"budgets": [{"name": "bound-2", "bytes": 64 << 20, "servers": {"fastgen": {
+               "block_size": 32, "capacity_tokens": 3328, "kernel": {"path": "vllm-cpu-kernel", "isa": "vec"},
+               "start_s": 30.0}}}],
+           "cells": [{"name": "bound-2/long/burst", "rate": None, "output": "long", "runs": {"fastgen": row},
+                      "ratios": bench_suite.cell_ratios({"fastgen": row}),
+                      "concurrency": {"fastgen": {"ideal": {"by_rule": 3, "by_chunk": 4, "full": 2},
+                                                  "peak_running": 3, "mean_running": 2.5, "ideal_mean": 2.67,
+                                                  "mean_vs_ideal": 0.94, "preemptions": 0}},
+                      "curve_prediction": {"vanilla": 12.0}}],
+           "curve": {"vanilla": {"budget": "ample", "output_tokens": 256, "points": [
+               {"in_flight": 1, "output_tokens_per_s": 5.0, "mean_running": 1.0, "tpot_s": {"p50": 0.02},
+                "wall_s": 50.0}]}},
+           "targets": [{"target": "t", "cell": "bound-2/long/burst", "value": 0.5, "bar": 0.9, "met": False}]}
+    text = bench_suite.markdown_report(doc)
+    assert "| bound-2 (64.0 MiB) | fastgen | 32 | 3,328 | vec (vllm-cpu-kernel) | 30 s |" in text
+    assert "| bound-2/long/burst | fastgen | 10.00 | 2 | 1.90 | 0 | 0.550 |" in text and "3/4" in text
+    assert "| 3 / 4 | 3 / 2.50 |" in text and "vanilla 12.00" in text and "**missed**" in text
 
 
 def test_cache_info_from_metrics_labels():
