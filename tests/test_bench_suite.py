@@ -146,6 +146,7 @@ def test_markdown_report_of_a_run():
                "block_size": 32, "capacity_tokens": 3328, "kernel": {"path": "vllm-cpu-kernel", "isa": "vec"},
                "start_s": 30.0}}}],
            "cells": [{"name": "bound-2/long/burst", "rate": None, "output": "long", "runs": {"fastgen": row},
+                      "budget_k": 2, "arrivals": "burst",
                       "ratios": bench_suite.cell_ratios({"fastgen": row}),
                       "concurrency": {"fastgen": {"ideal": {"by_rule": 3, "by_chunk": 4, "full": 2},
                                                   "peak_running": 3, "mean_running": 2.5, "ideal_mean": 2.67,
@@ -154,7 +155,7 @@ def test_markdown_report_of_a_run():
            "curve": {"vanilla": {"budget": "ample", "output_tokens": 256, "points": [
                {"in_flight": 1, "output_tokens_per_s": 5.0, "mean_running": 1.0, "tpot_s": {"p50": 0.02},
                 "wall_s": 50.0}]}},
-           "targets": [{"target": "t", "cell": "bound-2/long/burst", "value": 0.5, "bar": 0.9, "met": False}]}
+           "targets": []}
     text = bench_suite.markdown_report(doc)
     assert "| bound-2 (64.0 MiB) | fastgen | 32 | 3,328 | vec (vllm-cpu-kernel) | 30 s |" in text
     assert "| bound-2/long/burst | fastgen | 10.00 | 2 | 1.90 | 0 | 0.550 |" in text and "3/4" in text
