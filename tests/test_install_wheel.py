@@ -57,13 +57,18 @@ def source_files() -> list[str]:
 
 
 def build_wheel(out: Path) -> Path:
-    """The wheel, built from a copy of the checkout's sources (nothing is written into the checkout)."""
+    """The wheel, built from a copy of the checkout's sources (nothing is written into the checkout).
+
+    Without the C++ CPU kernels (setup.py's VLLM_ADAPTIVE_KV_NO_EXT): compiling them takes
+    minutes on 2 busy cores, `make setup` already compiles them for the editable install and
+    tests/test_cpu_kernels.py tests them, and the plugin runs without them (torch path).
+    """
     src = out / "src"
     for name in source_files():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, src / name)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", out / "dist", src],
-        os.environ.copy(), out)
+        {**os.environ, "VLLM_ADAPTIVE_KV_NO_EXT": "1"}, out)
     (wheel,) = (out / "dist").glob("vllm_adaptive_kv-*.whl")
     return wheel
 
@@ -157,8 +162,8 @@ def test_doctor_names_vllm_cpus_two_breakages_and_fix_repairs_them(installed, re
     assert any(line.startswith("fixed vllm serve: wrote ") for line in out)
     assert any(line.startswith("fixed transformers: uninstalled torchvision") for line in out)
     assert out[-1].startswith("doctor: ready"), fixed.stdout
-    if shutil.which(os.environ.get("CXX", "c++")):  # the wheel was built with its C++ CPU kernels
-        assert any(line.startswith("ok   device: ") and "C++ kernels" in line for line in out), fixed.stdout
+    device = next(line for line in out if " device: " in line)  # a wheel without the C++ kernels: named
+    assert device.startswith("warn device: ") and "vllm_adaptive_kv._C" in device, fixed.stdout
 
 
 @pytest.fixture(scope="module")
