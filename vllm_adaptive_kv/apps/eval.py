@@ -1233,7 +1233,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "tasks": {t: {"prompts": len(items), "prompt_tokens": [i.info["prompt_tokens"] for i in items],
                       "metric": task_metric(t), "max_tokens": task_max_tokens(t, size)}
                   for t, items in suite.items()},
-        "variants": list(args.variants), "fidelity": not args.no_fidelity,
+        "variants": list(args.variants), "fidelity": not args.no_fidelity, "ruler_tokens": size.ruler_tokens,
         "settings": rows, "policy_maps": maps,
     }
     results["choices"] = rule_choices(rows, args.max_loss)
@@ -1292,6 +1292,30 @@ def rule_choices(rows: list[dict], max_loss: float) -> list[dict]:
     return [rule_choice(rows, max_loss, t) for t in sets]
 
 
+def add_kvpress(args, results: dict) -> None:
+    """``--from-json X --kvpress ...``: kvpress on an earlier run's prompts and kept fractions,
+    without vLLM. The prompts are rebuilt from the recorded suite size with the model's own
+    tokenizer and must have the recorded lengths (else the run is refused)."""
+    from transformers import AutoTokenizer
+
+    folder = results["model_info"]["folder"]
+    base = QUICK_SIZE if results.get("quick") else FULL_SIZE
+    size = replace(base.with_prompts(min(results["prompts_per_task"], base.max_prompts)),
+                   ruler_tokens=results.get("ruler_tokens", base.ruler_tokens))
+    if results["prompts_per_task"] > base.max_prompts:
+        size = replace(size, prompts=None, ruler_prompts=results["prompts_per_task"])
+    suite = build_suite(AutoTokenizer.from_pretrained(folder), size, tuple(results["tasks"]))
+    for task, items in suite.items():
+        if [i.info["prompt_tokens"] for i in items] != results["tasks"][task]["prompt_tokens"]:
+            raise SystemExit(f"eval: --from-json --kvpress: the rebuilt {task} prompts differ from the run's "
+                             "(another tokenizer, Python version or generator?)")
+    args.dtype = results.get("dtype", args.dtype)
+    args.no_fidelity = not results.get("fidelity", True)
+    results["settings"] = [r for r in results["settings"] if r.get("engine") != "transformers"]
+    results["settings"] += run_kvpress(args, folder, suite, size, results["settings"])
+    results["kvpress_command"] = "vllm-adaptive-kv eval " + " ".join(sys.argv[1:])
+
+
 def load_results(path: str, parser: argparse.ArgumentParser) -> dict:
     try:
         results = json.loads(Path(path).read_text())
@@ -1319,6 +1343,8 @@ def main(argv: list[str] | None = None) -> int:
     args = resolve_args(parser.parse_args(argv), parser)
     if args.from_json:
         results = load_results(args.from_json, parser)
+        if args.kvpress:
+            add_kvpress(args, results)
         results["choices"] = rule_choices(results["settings"], args.max_loss)  # --max-loss may differ
         results.pop("choice", None)  # the single-rule form of runs before the retrieval rule existed
     else:
