@@ -82,8 +82,9 @@ class NativeLayer:
     The vLLM kernel gets the ``Ns`` (kv head, request) sequences of the layer that do
     not score at decode, in head-major order::
 
-        query_rows [Nq] int64   rows of ``q.view(T * H, G, D)`` (row ``t * H + h``), sequence
-                                by sequence: the kernel's query is ``q_rows[query_rows]``
+        query_rows [Nq] int64   head-major rows (``h * T + t``, the rows of
+                                ``q.view(T, H, G, D).transpose(0, 1)``) of its sequences, in
+                                order; None when the layer's kernel attends every sequence
         seq_start  [Ns + 1] int32   first query row of each sequence in that query
         seq_lens   [Ns] int32   slots of each sequence's list (this step's tokens last)
         table      [Ns, Wb] int32   each sequence's pages (Wb: the step's widest list)
@@ -94,7 +95,7 @@ class NativeLayer:
     built (then vLLM's kernel attends every list and ``score_lists`` scores in torch).
     """
 
-    query_rows: torch.Tensor
+    query_rows: torch.Tensor | None
     seq_start: torch.Tensor
     seq_lens: torch.Tensor
     table: torch.Tensor
@@ -159,8 +160,9 @@ class NativeCpuAttention(AttentionPath):
         self.buffers = StepBuffers(cache.device)
         max_reqs, layers, heads = cache.shape
         lists = max_reqs * layers * heads  # a decode step of every row: one token per list
-        for name, numel, dtype in (("query", max_reqs * heads * query_group * self.head_dim, self.dtype),
-                                   ("result", max_reqs * heads * query_group * self.head_dim, self.dtype),
+        rows = max_reqs * heads * query_group * self.head_dim
+        for name, numel, dtype in (("query", rows, self.dtype), ("query_rows", rows, self.dtype),
+                                   ("result", rows, self.dtype), ("out_rows", rows, self.dtype),
                                    ("list_id", lists, torch.int64), ("seq_lens", lists, torch.int32),
                                    ("table", lists * cache.width, torch.int32)):
             self.buffers.reserve(name, numel, dtype)
@@ -183,16 +185,15 @@ class NativeCpuAttention(AttentionPath):
                 if lists is not None:
                     keep[layer, lists[2], token_req[lists[0]]] = False
         lens, table, per_layer = self._gather_lists(requests.rows_t, keep, max(requests.width, 1))
-        # head-major query rows (t * H + h ordered by (h, t)) and the sequences' first rows
-        rows_hm = (torch.arange(total, device=device) * heads + torch.arange(heads, device=device)[:, None])
         seq_tokens = counts.repeat(heads)  # [H * R], sequence s = h * R + i
         if keep is None:
-            query_rows, seq_start = rows_hm.reshape(-1), self._starts(seq_tokens)
-            return NativePlan([NativeLayer(query_rows, seq_start, lens_l, table_l, None)
+            seq_start = self._starts(seq_tokens)
+            return NativePlan([NativeLayer(None, seq_start, lens_l, table_l, None)
                                for lens_l, table_l in zip(lens.split(per_layer), table.split(per_layer))])
+        # head-major rows h * T + t of the kept sequences: (h, i, token of i) order is (h, t) order
         kept_rows = keep.reshape(layers, -1).repeat_interleave(seq_tokens, dim=1)  # [L, H * T]
         rows_per_layer = kept_rows.sum(1).tolist()
-        query_rows = rows_hm.reshape(1, -1).expand(layers, -1)[kept_rows].split(rows_per_layer)
+        query_rows = kept_rows.nonzero()[:, 1].split(rows_per_layer)
         kept = keep.reshape(layers, -1)
         return NativePlan([
             NativeLayer(query_rows[layer], self._starts(seq_tokens[kept[layer]]), lens_l, table_l, scored[layer])
@@ -245,23 +246,34 @@ class NativeCpuAttention(AttentionPath):
                      pool.slot_flags, pool.slot_score, k_transposed=True)
 
     def attend(self, layer, q, out, meta, scale) -> None:
-        """vLLM's kernel over the layer's unscored sequences, ours over its scored decode lists.
+        """vLLM's kernel over the layer's unscored sequences, then ours over its scored decode lists.
 
-        The vLLM kernel's query is the layer's ``query_rows`` of ``q`` (head-major, each
-        sequence's rows contiguous); its keys are each list's first ``seq_len`` slots, the
-        last ``num_tokens`` of which are this step's own tokens (causal by index).
+        vLLM's kernel reads its query head-major, each sequence's rows contiguous: ``q``
+        (a column slice of the fused qkv output, so its token rows are strided) is copied
+        once into a head-major step buffer, and the layer's ``query_rows`` of it picked when
+        some sequences go to our kernel instead. A sequence's keys are its list's first
+        ``seq_len`` slots, the last ``num_tokens`` of which are this step's own tokens (causal
+        by index). The output comes back the same way; the scored lists' rows, stale there,
+        are then written by ``scored_decode_attention``.
         """
         num_tokens, _, head_dim = q.shape
-        heads = self.cache.shape[2]
+        heads, group = self.cache.shape[2], self.query_group
         plan = meta.path.layers[layer]
-        by_row = (num_tokens * heads, self.query_group, head_dim)
         if plan.num_seqs:
-            rows = plan.query_rows.numel()
-            query = torch.index_select(q.view(by_row), 0, plan.query_rows,
-                                       out=self.buffers.take("query", (rows, *by_row[1:]), q.dtype))
-            result = self.buffers.take("result", (rows, *by_row[1:]), q.dtype)
+            by_head = (heads, num_tokens, group, head_dim)
+            rows = heads * num_tokens
+            head_major = self.buffers.take("query", by_head, q.dtype)
+            head_major.copy_(q.view(num_tokens, heads, group, head_dim).transpose(0, 1))
+            query = head_major.view(rows, group, head_dim)
+            if plan.query_rows is not None:
+                query = torch.index_select(query, 0, plan.query_rows, out=self.buffers.take(
+                    "query_rows", (plan.query_rows.numel(), group, head_dim), q.dtype))
+            result = self.buffers.take("result", tuple(query.shape), q.dtype)
             self.kernel(query, self._keys, self._values, result, plan.seq_start, plan.seq_lens, plan.table, scale)
-            out.view(by_row).index_copy_(0, plan.query_rows, result)
+            if plan.query_rows is not None:
+                result = self.buffers.take("out_rows", (rows, group, head_dim), q.dtype).index_copy_(
+                    0, plan.query_rows, result)
+            out.view(num_tokens, heads, group, head_dim).copy_(result.view(by_head).transpose(0, 1))
         if plan.scored is not None:
             token, row, head = plan.scored
             pool = self.pool
