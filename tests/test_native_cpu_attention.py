@@ -36,9 +36,9 @@ def make_runtime(native: bool, heads: int, group: int, dtype, policy: str, fused
 
 def step(runtimes, reqs, counts, starts, heads, group, dtype, gen):
     total = sum(counts)
-    q = torch.randn(L, total, heads * group, D, generator=gen).to(dtype)
-    k = torch.randn(L, total, heads, D, generator=gen).to(dtype)
-    v = torch.randn(L, total, heads, D, generator=gen).to(dtype)
+    # strided token rows, as vLLM hands them over: column slices of one fused qkv output
+    qkv = torch.randn(L, total, (heads * group + 2 * heads) * D, generator=gen).to(dtype)
+    q, k, v = (part.unflatten(-1, (-1, D)) for part in qkv.split([heads * group * D, heads * D, heads * D], -1))
     pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
     token_ids = torch.randint(0, VOCAB, (total,), generator=gen)
     outs = []

@@ -3,9 +3,11 @@
 //
 // Why: vLLM's CPU attention kernel returns no probabilities, so FastGen's frequent-
 // token heads (and H2O, SnapKV) used to gather every scored list's K pages a second
-// time in torch, each decode step. This kernel does the attention of those lists
-// itself and keeps the probabilities in a per-thread scratch row, so K and V are
-// read once and the scores cost a few adds per slot.
+// time in torch, each decode step (the largest cost in the profile, docs/performance.md
+// "Profile"). This kernel attends those lists itself: it walks each list's pages once,
+// K block then V block (8 contiguous KiB a page at bs 32, D 64, bf16), keeping the
+// output with an online softmax and every logit in a per-thread scratch row; at the
+// end the logits become probabilities for the scores, which touch only slot_score.
 //
 // One *list* n is one (request row, kv head) of one layer with ONE query token
 // (decode): its G query heads attend the list's first len slots
@@ -21,8 +23,9 @@
 //
 // Numerics follow the torch reference (triton_kernels/paged_attention.py list_probs
 // with decode_logits_in_pool_dtype): each logit is a float32 dot product rounded to
-// the pool's dtype, then scaled in float32; the softmax and the output are float32.
-// Only the order of the float32 additions differs.
+// the pool's dtype, then scaled in float32; the softmax is float32 and the scores use
+// the list's exact max and sum. Only the order of float32 additions differs (and the
+// output's online rescaling), which the tests bound against the reference.
 //
 // Each list is written by one thread and appears once per call (one query token per
 // request), so the score adds need no atomics.
@@ -35,11 +38,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace adaptive_kv {
 namespace {
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 template <typename T>
 inline float to_float(T x) {
@@ -47,6 +53,7 @@ inline float to_float(T x) {
 }
 
 // A float32 logit as the pool's dtype rounds it (round to nearest even), back in float32.
+// bfloat16 by bit arithmetic (c10::BFloat16's rule, in a form the compiler vectorizes).
 template <typename T>
 inline float round_to_pool(float x) {
   return static_cast<float>(static_cast<T>(x));
@@ -55,18 +62,47 @@ template <>
 inline float round_to_pool<float>(float x) {
   return x;
 }
+template <>
+inline float round_to_pool<c10::BFloat16>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  float y;
+  std::memcpy(&y, &u, sizeof(y));
+  return x != x ? x : y;  // NaN stays NaN
+}
+
+// exp(x) for x <= 0 (a logit minus a max), 0 for x < -87 and -inf. Cephes' expf: 2^n * e^r
+// with |r| <= ln(2) / 2 and a degree-6 polynomial, about 1 ulp; written without calls
+// so that loops over it vectorize (std::exp does not, without -ffast-math).
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : e * scale;
+}
 
 // Per-thread scratch, grown on demand and kept: no allocation once warm.
 struct Scratch {
-  std::vector<float> q;       // [G, D]   the list's queries in float32
-  std::vector<float> page;    // [D, bs] or [bs, D] one K or V block in float32
-  std::vector<float> logits;  // [G, S]   logits, then probabilities
-  std::vector<float> acc;     // [G, D]   output accumulator
+  std::vector<float> q;        // [G, D]      the list's queries in float32
+  std::vector<float> logits;   // [G, S]      logits, then exp(logit - the block's reference max)
+  std::vector<float> ref_max;  // [G, pages]  the running max each block's exps are relative to
+  std::vector<float> acc;      // [G, D]      output accumulator (online softmax)
 
-  void reserve(int64_t group, int64_t head_dim, int64_t block_size, int64_t slots) {
+  void reserve(int64_t group, int64_t head_dim, int64_t slots, int64_t pages) {
     q.resize(group * head_dim);
-    page.resize(head_dim * block_size);
     logits.resize(std::max<int64_t>(1, group * slots));
+    ref_max.resize(std::max<int64_t>(1, group * pages));
     acc.resize(group * head_dim);
   }
 };
@@ -93,55 +129,244 @@ struct Args {
 #define ADAPTIVE_KV_CLONES
 #endif
 
-constexpr int64_t LANES = 16;  // slots per register-sized chunk of a block
+constexpr int64_t LANES = 16;  // floats of a register-sized chunk
+constexpr int MAX_GROUP = 8;   // query heads per kv head handled together (more: one at a time)
 
-// dst[i] = float(src[i]), i < n
-template <typename T>
-ADAPTIVE_KV_CLONES void widen(const T* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+// Pages are scattered over the pool: fetch the next one while this one is computed.
+inline void prefetch_page(const void* block, int64_t bytes) {
+  const char* p = static_cast<const char*>(block);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
 }
 
-// out[s] = sum_d q[d] * k[d * bs + s], s < bs: one query against a K block stored [D, bs]
-ADAPTIVE_KV_CLONES void block_dots(const float* q, const float* k, int64_t head_dim, int64_t bs, float* out) {
+// A register-sized chunk of LANES floats as a GCC vector: one zmm in the AVX-512 clones,
+// two ymm / four xmm in the others. Loads convert from the pool's dtype; explicit vectors
+// keep the conversion in registers (auto-vectorized, it went through the stack and
+// stalled on store forwarding).
+typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint32_t LanesU32 __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t LanesU16 __attribute__((vector_size(LANES * sizeof(uint16_t))));
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline Lanes load_lanes(const c10::BFloat16* p) {  // bfloat16 -> float32: the bits, shifted up
+  LanesU16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const LanesU32 bits = __builtin_convertvector(raw, LanesU32) << 16;
+  Lanes v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+template <typename T>
+inline Lanes load_lanes(const T* p) {  // other dtypes (float16): element by element
+  float tmp[LANES];
+  for (int64_t i = 0; i < LANES; ++i) tmp[i] = to_float(p[i]);
+  return load_lanes(tmp);
+}
+inline void store_lanes(float* p, Lanes v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// logits[g * stride + s] = sum_d q[g * D + d] * k[d * bs + s] for the G queries and the
+// bs slots of a K block stored [D, bs]: each K element is converted once and used G times,
+// LANES slots per register.
+template <typename T, int G>
+ADAPTIVE_KV_CLONES void block_dots(const float* q, const T* k, int64_t head_dim, int64_t bs, float* logits,
+                                   int64_t stride) {
   int64_t s0 = 0;
-  for (; s0 + LANES <= bs; s0 += LANES) {  // a chunk of slots stays in one register
-    float acc[LANES] = {};
+  for (; s0 + LANES <= bs; s0 += LANES) {
+    Lanes acc[G] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
-      const float qd = q[d];
-      const float* krow = k + d * bs + s0;
-#pragma omp simd
-      for (int64_t i = 0; i < LANES; ++i) acc[i] += qd * krow[i];
+      const Lanes kd = load_lanes(k + d * bs + s0);
+      for (int g = 0; g < G; ++g) acc[g] += q[g * head_dim + d] * kd;
     }
-    for (int64_t i = 0; i < LANES; ++i) out[s0 + i] = acc[i];
+    for (int g = 0; g < G; ++g) store_lanes(logits + g * stride + s0, acc[g]);
   }
-  for (int64_t s = s0; s < bs; ++s) {
-    float acc = 0.f;
-    for (int64_t d = 0; d < head_dim; ++d) acc += q[d] * k[d * bs + s];
-    out[s] = acc;
-  }
+  for (int64_t s = s0; s < bs; ++s)
+    for (int g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < head_dim; ++d) acc += q[g * head_dim + d] * to_float(k[d * bs + s]);
+      logits[g * stride + s] = acc;
+    }
 }
 
-// acc[d] += p * v[d], d < n
-ADAPTIVE_KV_CLONES void axpy(float p, const float* v, float* acc, int64_t n) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) acc[d] += p * v[d];
-}
-
-// logits[g, first_slot + s] of one page for the G queries, masked, and their running max.
+// Scaled, masked logits of one block in place: slot s is visible iff s < valid and
+// pos[s] <= q_pos. Returns the block's largest logit (-inf when none is visible).
+// Register-sized chunks with a fixed trip count: a loop over bs itself gets peeled for
+// alignment, and at bs = 32 the scalar peel is most of the work.
 template <typename T>
-void page_logits(const Args& a, Scratch& w, const T* k_block, const int32_t* pos, int64_t first_slot,
-                 int64_t len, int32_t q_pos, int64_t stride_logits, float* logits, float* row_max) {
-  const int64_t bs = a.block_size, D = a.head_dim;
-  widen(k_block, w.page.data(), D * bs);
-  for (int64_t g = 0; g < a.group; ++g) {
-    float* out = logits + g * stride_logits + first_slot;
-    block_dots(w.q.data() + g * D, w.page.data(), D, bs, out);
-    for (int64_t s = 0; s < bs; ++s) {
-      const bool visible = first_slot + s < len && pos[s] <= q_pos;
-      out[s] = visible ? round_to_pool<T>(out[s]) * a.scale : -std::numeric_limits<float>::infinity();
-      row_max[g] = std::max(row_max[g], out[s]);
+ADAPTIVE_KV_CLONES float mask_logits(float* logits, const int32_t* pos, int64_t bs, int64_t valid, int32_t q_pos,
+                                     float scale) {
+  float best[LANES];
+  for (int64_t i = 0; i < LANES; ++i) best[i] = NEG_INF;
+  int64_t s0 = 0;
+  for (; s0 + LANES <= bs; s0 += LANES) {
+#pragma omp simd
+    for (int64_t i = 0; i < LANES; ++i) {
+      const int64_t s = s0 + i;
+      const bool visible = s < valid && pos[s] <= q_pos;
+      const float logit = visible ? round_to_pool<T>(logits[s]) * scale : NEG_INF;
+      logits[s] = logit;
+      best[i] = std::max(best[i], logit);
     }
+  }
+  float result = NEG_INF;
+  for (int64_t i = 0; i < LANES; ++i) result = std::max(result, best[i]);
+  for (int64_t s = s0; s < bs; ++s) {
+    const bool visible = s < valid && pos[s] <= q_pos;
+    logits[s] = visible ? round_to_pool<T>(logits[s]) * scale : NEG_INF;
+    result = std::max(result, logits[s]);
+  }
+  return result;
+}
+
+// x[s] = exp(x[s] - max), s < n, in place; returns their sum (invisible slots: exact 0).
+// Register-sized chunks, as in mask_logits.
+ADAPTIVE_KV_CLONES float exp_shifted(float* x, int64_t n, float max) {
+  float sums[LANES] = {};
+  int64_t s0 = 0;
+  for (; s0 + LANES <= n; s0 += LANES) {
+    float* chunk = x + s0;
+#pragma omp simd
+    for (int64_t i = 0; i < LANES; ++i) {
+      chunk[i] = exp_nonpositive(chunk[i] - max);
+      sums[i] += chunk[i];
+    }
+  }
+  float sum = 0.f;
+  for (int64_t i = 0; i < LANES; ++i) sum += sums[i];
+  for (int64_t s = s0; s < n; ++s) {
+    x[s] = exp_nonpositive(x[s] - max);
+    sum += x[s];
+  }
+  return sum;
+}
+
+// acc[g * D + d] += sum_s p[g * stride + s] * v[s * D + d], s < valid: the block's
+// probabilities times its V rows ([bs, D]) for the G heads; each V element is converted
+// once and used G times. A slot no head sees is skipped: a slot past the list may hold
+// anything (NaN included).
+template <typename T, int G>
+ADAPTIVE_KV_CLONES void block_weighted_sum(const float* p, int64_t stride, const T* v, int64_t valid,
+                                           int64_t head_dim, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + LANES <= head_dim; d0 += LANES) {
+    Lanes sum[G];
+    for (int g = 0; g < G; ++g) sum[g] = load_lanes(acc + g * head_dim + d0);
+    for (int64_t s = 0; s < valid; ++s) {
+      bool seen = false;
+      for (int g = 0; g < G; ++g) seen |= p[g * stride + s] != 0.f;
+      if (!seen) continue;
+      const Lanes vs = load_lanes(v + s * head_dim + d0);
+      for (int g = 0; g < G; ++g) sum[g] += p[g * stride + s] * vs;
+    }
+    for (int g = 0; g < G; ++g) store_lanes(acc + g * head_dim + d0, sum[g]);
+  }
+  for (int64_t d = d0; d < head_dim; ++d)
+    for (int64_t s = 0; s < valid; ++s)
+      for (int g = 0; g < G; ++g)
+        if (p[g * stride + s] != 0.f) acc[g * head_dim + d] += p[g * stride + s] * to_float(v[s * head_dim + d]);
+}
+
+// score[s] += sum_g factor[g] * e[g * stride + s], s < valid: one block's probabilities
+// (its exps times exp(reference max - final max) / sum) summed over the group
+ADAPTIVE_KV_CLONES void add_block_scores(float* score, const float* e, int64_t stride, const float* factor,
+                                         int64_t group, int64_t valid) {
+  int64_t s0 = 0;
+  for (; s0 + LANES <= valid; s0 += LANES) {
+    float col[LANES] = {};
+    for (int64_t g = 0; g < group; ++g) {
+      const float f = factor[g];
+      const float* eg = e + g * stride + s0;
+#pragma omp simd
+      for (int64_t i = 0; i < LANES; ++i) col[i] += f * eg[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < LANES; ++i) score[s0 + i] += col[i];
+  }
+  for (int64_t s = s0; s < valid; ++s) {
+    float col = 0.f;
+    for (int64_t g = 0; g < group; ++g) col += factor[g] * e[g * stride + s];
+    score[s] += col;
+  }
+}
+
+// Heads g0 .. g0 + G of one list: logits (kept), online softmax of the output, scores.
+// The list's pages are walked once, K block then V block (adjacent in a page).
+template <typename T, int G>
+void attend_heads(const Args& a, Scratch& w, int64_t g0, const T* kv, const int32_t* slot_pos,
+                  const int32_t* page_ids, int64_t pages, int64_t len, int32_t q_pos, float* slot_score) {
+  const int64_t D = a.head_dim, bs = a.block_size, S = pages * bs;
+  const float* q = w.q.data() + g0 * D;
+  float* logits = w.logits.data() + g0 * S;
+  float* ref_max = w.ref_max.data() + g0 * pages;
+  float* acc = w.acc.data() + g0 * D;
+  float running_max[G], running_sum[G];
+  for (int g = 0; g < G; ++g) running_max[g] = NEG_INF, running_sum[g] = 0.f;
+  const int64_t page_bytes = 2 * bs * D * static_cast<int64_t>(sizeof(T));  // K block then V block
+  for (int64_t j = 0; j < pages; ++j) {
+    const int64_t p = page_ids[j * a.table_sw];
+    if (j + 1 < pages) prefetch_page(kv + page_ids[(j + 1) * a.table_sw] * a.kv_sp, page_bytes);
+    const T* block = kv + p * a.kv_sp;
+    const int64_t first = j * bs, valid = std::min(bs, len - first);
+    block_dots<T, G>(q, block, D, bs, logits + first, S);
+    for (int g = 0; g < G; ++g) {
+      float* row = logits + g * S + first;
+      const float block_max = mask_logits<T>(row, slot_pos + p * a.pos_sp, bs, valid, q_pos, a.scale);
+      if (block_max == NEG_INF) {  // nothing visible to this head here
+        std::fill(row, row + bs, 0.f);
+        ref_max[g * pages + j] = NEG_INF;
+        continue;
+      }
+      const float new_max = std::max(running_max[g], block_max);
+      if (new_max > running_max[g] && running_max[g] != NEG_INF) {  // rescale what came before
+        const float alpha = exp_nonpositive(running_max[g] - new_max);
+        for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= alpha;
+        running_sum[g] *= alpha;
+      }
+      running_max[g] = new_max;
+      ref_max[g * pages + j] = new_max;
+      running_sum[g] += exp_shifted(row, valid, new_max);
+      std::fill(row + valid, row + bs, 0.f);
+    }
+    block_weighted_sum<T, G>(logits + first, S, block + a.kv_sk, valid, D, acc);
+  }
+  // scores: the block's exps times exp(its reference max - the final max) / the sum
+  float factor[G];
+  for (int64_t j = 0; j < pages; ++j) {
+    for (int g = 0; g < G; ++g)
+      factor[g] = ref_max[g * pages + j] == NEG_INF
+                      ? 0.f
+                      : exp_nonpositive(ref_max[g * pages + j] - running_max[g]) / running_sum[g];
+    add_block_scores(slot_score + page_ids[j * a.table_sw] * a.score_sp, logits + j * bs, S, factor, G,
+                     std::min(bs, len - j * bs));
+  }
+  for (int g = 0; g < G; ++g) {  // a head that saw nothing keeps zeros, like the reference
+    const float inv = running_sum[g] > 0.f ? 1.f / running_sum[g] : 0.f;
+    for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv;
+  }
+}
+
+template <typename T>
+void attend_heads_dispatch(int group, const Args& a, Scratch& w, int64_t g0, const T* kv, const int32_t* slot_pos,
+                           const int32_t* page_ids, int64_t pages, int64_t len, int32_t q_pos, float* slot_score) {
+  switch (group) {
+#define ADAPTIVE_KV_GROUP(N) \
+  case N:                    \
+    return attend_heads<T, N>(a, w, g0, kv, slot_pos, page_ids, pages, len, q_pos, slot_score);
+    ADAPTIVE_KV_GROUP(1)
+    ADAPTIVE_KV_GROUP(2)
+    ADAPTIVE_KV_GROUP(3)
+    ADAPTIVE_KV_GROUP(4)
+    ADAPTIVE_KV_GROUP(5)
+    ADAPTIVE_KV_GROUP(6)
+    ADAPTIVE_KV_GROUP(7)
+    ADAPTIVE_KV_GROUP(8)
+#undef ADAPTIVE_KV_GROUP
+    default:
+      TORCH_CHECK(false, "scored_decode_attention: internal error, group ", group);
   }
 }
 
@@ -155,69 +380,20 @@ void attend_list(const Args& a, int64_t n, const T* q, const int64_t* token, con
   int64_t len = lens[r * a.lens_sr + h * a.lens_sh];
   len = std::max<int64_t>(0, std::min(len, a.width * bs));
   const int64_t pages = (len + bs - 1) / bs;
-  const int32_t qp = q_pos[t];
   const int32_t* page_ids = table + r * a.table_sr + h * a.table_sh;
-
+  for (int64_t j = 0; j < pages; ++j) {
+    const int64_t p = page_ids[j * a.table_sw];
+    TORCH_CHECK(p >= 0 && p < a.num_pages, "scored_decode_attention: list (row ", r, ", head ", h, ") holds ", len,
+                " slots but its page ", j, " is ", p, " (pool of ", a.num_pages, " pages)");
+  }
   Scratch& w = thread_scratch();
-  w.reserve(G, D, bs, pages * bs);
-  const int64_t S = pages * bs;  // stride of a head's logits row
+  w.reserve(G, D, pages * bs, pages);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) w.q[g * D + d] = to_float(q[t * a.q_st + (h * G + g) * a.q_sh + d]);
-
-  std::vector<float> row_max_buf;  // G is small: keep it on the stack when it fits
-  float row_max_stack[16];
-  float* row_max = row_max_stack;
-  if (G > 16) {
-    row_max_buf.resize(G);
-    row_max = row_max_buf.data();
-  }
-  for (int64_t g = 0; g < G; ++g) row_max[g] = -std::numeric_limits<float>::infinity();
-
-  auto page_of = [&](int64_t j) {
-    const int64_t p = page_ids[j * a.table_sw];
-    TORCH_CHECK(p >= 0 && p < a.num_pages, "scored_decode_attention: list (row ", r, ", head ", h,
-                ") holds ", len, " slots but its page ", j, " is ", p, " (pool of ", a.num_pages, " pages)");
-    return p;
-  };
-  for (int64_t j = 0; j < pages; ++j) {
-    const int64_t p = page_of(j);
-    page_logits<T>(a, w, kv + p * a.kv_sp, slot_pos + p * a.pos_sp, j * bs, len, qp, S, w.logits.data(),
-                   row_max);
-  }
-  // softmax over the visible slots; a row that sees nothing stays all zeros
-  for (int64_t g = 0; g < G; ++g) {
-    float* l = w.logits.data() + g * S;
-    if (row_max[g] == -std::numeric_limits<float>::infinity()) {
-      std::fill(l, l + S, 0.f);
-      continue;
-    }
-    float sum = 0.f;
-    for (int64_t s = 0; s < S; ++s) {
-      l[s] = std::exp(l[s] - row_max[g]);
-      sum += l[s];
-    }
-    for (int64_t s = 0; s < S; ++s) l[s] /= sum;
-  }
-  // output (V read once) and scores
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  for (int64_t j = 0; j < pages; ++j) {
-    const int64_t p = page_ids[j * a.table_sw];
-    const T* v_block = kv + p * a.kv_sp + a.kv_sk;
-    float* vf = w.page.data();
-    const int64_t valid = std::min(bs, len - j * bs);
-    widen(v_block, vf, valid * D);
-    float* score = slot_score + p * a.score_sp;
-    for (int64_t s = 0; s < valid; ++s) {
-      float col = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        const float prob = w.logits[g * S + j * bs + s];
-        col += prob;
-        if (prob == 0.f) continue;  // invisible slots may hold NaN / Inf
-        axpy(prob, vf + s * D, w.acc.data() + g * D, D);
-      }
-      score[s] += col;
-    }
-  }
+  for (int64_t g0 = 0; g0 < G; g0 += MAX_GROUP)  // one pass for up to MAX_GROUP heads
+    attend_heads_dispatch<T>(static_cast<int>(std::min<int64_t>(MAX_GROUP, G - g0)), a, w, g0, kv, slot_pos,
+                             page_ids, pages, len, q_pos[t], slot_score);
   for (int64_t g = 0; g < G; ++g) {
     T* o = out + t * a.out_st + (h * G + g) * a.out_sh;
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(w.acc[g * D + d]);
