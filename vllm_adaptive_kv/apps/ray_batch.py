@@ -129,7 +129,7 @@ def read_prompts(path: str):
 
     # Reading takes no CPU slot: the replicas may hold every CPU of the cluster (2 replicas
     # on a 2-CPU node), and a read task that waits for one would never start.
-    free_read = {"ray_remote_args": {"num_cpus": 0}}
+    free_read = {"num_cpus": 0}
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json"):
         ds = ray.data.read_json(path, lines=suffix == ".jsonl", **free_read)
@@ -248,6 +248,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A local cluster: Ray's memory monitor counts every process on the machine and, above
+        # 95%, kills our engines mid-start, which Ray Data then restarts from scratch (seen on
+        # a shared 24 GiB machine). The engines' memory is fixed at start; leave OOM to the OS.
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(address=address, num_cpus=None if address else args.local_cpus, include_dashboard=False,
              log_to_driver=False)
     try:
