@@ -5,7 +5,7 @@ built against the torch already installed, so it needs ``pip install
 --no-build-isolation`` (``scripts/setup.sh`` passes it). Without torch at build
 time (an isolated build, e.g. the GPU Docker image) or without a C++ compiler, the
 package installs without the extension and the CPU path falls back to torch
-(``vllm_adaptive_kv/cpu_kernels.py``); ``scripts/setup.sh`` checks that it built.
+(``vllm_adaptive_kv/cpu_kernels/``); ``scripts/setup.sh`` checks that it built.
 """
 
 import os

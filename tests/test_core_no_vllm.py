@@ -1,4 +1,4 @@
-"""The core must work without vLLM: nothing under core/ or triton_kernels/ imports it.
+"""The core must work without vLLM: nothing under core/, triton_kernels/ or cpu_kernels/ imports it.
 
 The rule is by folder: a new module under those folders is checked without being
 listed anywhere; apps and the vLLM glue live in their own folders.
@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vllm_adaptive_kv"
-PURE_FOLDERS = ("core", "triton_kernels")
+PURE_FOLDERS = ("core", "triton_kernels", "cpu_kernels")
 
 
 def core_files():
@@ -20,8 +20,8 @@ def core_files():
 
 
 def test_the_tree_shows_the_architecture():
-    """core / kernels / plugin (device-neutral + cpu) / apps, each a package."""
-    for folder in ("core", "triton_kernels", "plugin", "plugin/cpu", "apps"):
+    """core / kernels (Triton, C++ CPU) / plugin (device-neutral + cpu) / apps, each a package."""
+    for folder in ("core", "triton_kernels", "cpu_kernels", "plugin", "plugin/cpu", "apps"):
         assert (PACKAGE / folder / "__init__.py").is_file(), f"{folder}/ is not a package"
     loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "model.py"))
     assert not loose, f"modules outside the architecture folders: {loose}"

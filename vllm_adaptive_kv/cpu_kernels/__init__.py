@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels.paged_attention import add_slot_scores, list_attention
+from ..triton_kernels.paged_attention import add_slot_scores, list_attention
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.adaptive_kv)
+    from .. import _C  # noqa: F401  (registers torch.ops.adaptive_kv)
 
     HAS_CPU_KERNELS = True
 except ImportError:  # not built: the torch paths run instead
