@@ -1255,6 +1255,7 @@ def evaluate_settings(llm, suite, size: SuiteSize, args, fidelity: FidelityRun |
     full = run_setting(llm, suite, Setting("full", "full"), size, {}, fidelity)
     references = {"chat": full["chat"]["token_ids"]} if "chat" in full else {}
     rows = [setting_row(Setting("full", "full"), full)]
+    save_partial(args, rows)
     for index, variant in enumerate(args.variants):
         for ratio in args.recovery_ratios:
             setting = fastgen_setting(ratio, variant)
@@ -1262,7 +1263,16 @@ def evaluate_settings(llm, suite, size: SuiteSize, args, fidelity: FidelityRun |
             rows.append(setting_row(setting, results))
             if index == 0:
                 rows += run_baselines(llm, suite, setting, results, args.baselines, size, references, fidelity)
+            save_partial(args, rows)
     return rows
+
+
+def save_partial(args, rows: list[dict]) -> None:
+    """The rows so far, in ``--out-dir``/partial.json: a run that dies keeps what it measured."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partial.json").write_text(json.dumps({"command": "vllm-adaptive-kv eval " + " ".join(sys.argv[1:]),
+                                                  "settings": rows}, indent=1) + "\n")
 
 
 def rule_choice(rows: list[dict], max_loss: float, tasks: tuple[str, ...]) -> dict:
