@@ -17,7 +17,8 @@ from setuptools import setup
 # GCC's generic tuning keeps AVX-512 code to 256-bit vectors; the kernels' AVX-512 clones
 # want the full width (the flag changes nothing on other targets).
 VECTOR_WIDTH = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
-SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/scored_decode_attention.cpp", "csrc/cpu/write_kv.cpp"]
+SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/scored_decode_attention.cpp", "csrc/cpu/write_kv.cpp",
+           "csrc/cpu/compact_slots.cpp"]
 
 
 def extensions():

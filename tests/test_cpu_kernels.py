@@ -175,3 +175,44 @@ def test_write_kv_refuses_a_slot_past_the_pool():
     with pytest.raises(RuntimeError, match="key must be"):
         write_kv(key.double(), key, torch.tensor([[0]]), torch.zeros(1, dtype=torch.int32),
                  torch.zeros(1, dtype=torch.uint8), kv, *meta)
+
+
+# --- compact_slots ----------------------------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_transposed", [False, True])
+def test_compact_slots_matches_reference_on_a_real_plan(dtype, k_transposed):
+    from vllm_adaptive_kv.core.paging import PagedHeadCache
+    from vllm_adaptive_kv.cpu_kernels import compact_slots
+    from vllm_adaptive_kv.triton_kernels.compaction import compact_slots_reference
+
+    gen = torch.Generator().manual_seed(int(k_transposed))
+    bs, head_dim, rows, layers, heads = 16, 64, 3, 2, 3
+    cache = PagedHeadCache(400, bs, layers, heads, 8, rows)
+    row_ids = torch.arange(rows)
+    cache.allocate(row_ids, torch.tensor([100, 37, 120]), 257)  # ragged: partial last pages
+    keep = torch.rand(rows, layers, heads, 120, generator=gen) < 0.4
+    plan = cache.plan_compaction(row_ids, keep)
+    pools = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(7)
+        pools.append((torch.randn(400, 2, bs, head_dim, generator=g).to(dtype),
+                      torch.randint(0, 999, (400, bs), generator=g, dtype=torch.int32),
+                      torch.randint(0, 4, (400, bs), generator=g, dtype=torch.uint8), torch.rand(400, bs, generator=g)))
+    compact_slots(*pools[0], plan.src_slot, plan.dst_slot, plan.num_moves, k_transposed=k_transposed)
+    compact_slots_reference(*pools[1], plan.src_slot, plan.dst_slot, plan.num_moves, k_transposed=k_transposed)
+    assert int(plan.num_moves.sum()) > 100
+    for got, want in zip(pools[0], pools[1]):
+        assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_compact_slots_refuses_a_slot_past_the_pool():
+    from vllm_adaptive_kv.cpu_kernels import compact_slots
+
+    pool = (torch.zeros(4, 2, 16, 8), torch.zeros(4, 16, dtype=torch.int32), torch.zeros(4, 16, dtype=torch.uint8),
+            torch.zeros(4, 16))
+    with pytest.raises(RuntimeError, match="outside the pool's 4 pages"):
+        compact_slots(*pool, torch.tensor([[70]]), torch.tensor([[0]]), torch.tensor([1], dtype=torch.int32))

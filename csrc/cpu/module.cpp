@@ -13,6 +13,9 @@ TORCH_LIBRARY(adaptive_kv, m) {
       "write_kv(Tensor key, Tensor value, Tensor slot_mapping, Tensor positions, Tensor flags, "
       "Tensor(a!) kv_pages, Tensor(b!) slot_pos, Tensor(c!) slot_flags, Tensor(d!) slot_score, "
       "bool k_transposed) -> ()");
+  m.def(
+      "compact_slots(Tensor(a!) kv_pages, Tensor(b!) slot_pos, Tensor(c!) slot_flags, Tensor(d!) slot_score, "
+      "Tensor src_slot, Tensor dst_slot, Tensor num_moves, bool k_transposed) -> ()");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -18,8 +18,9 @@ picks the path once, at start-up, and the pool is laid out for it::
     every list, writes in torch and scores list by list with ``score_lists``)
 
 Every path gets the same ``StepMetadata`` (``core/step.py``); a path that needs
-extra per-step tensors builds them once per step in ``plan``, and writes the step's
-K/V with ``write_kv`` (``kernel_impl`` by default). The dense paths pass
+extra per-step tensors builds them once per step in ``plan``; it writes the step's
+K/V with ``write_kv`` and applies compaction plans with ``compact`` (the Triton or torch
+kernels by ``kernel_impl`` by default). The dense paths pass
 the runtime's per-list score mask (``StepScoring.lists``) so that only lists whose
 policy reads scores accumulate them.
 """
@@ -39,6 +40,7 @@ from ..triton_kernels.paged_attention import (
     paged_attention,
     paged_attention_reference,
 )
+from ..triton_kernels.compaction import compact_slots
 from ..triton_kernels.write_kv import write_kv
 from .layout import KVPool
 from .paging import PagedHeadCache
@@ -70,6 +72,12 @@ class AttentionPath:
     def plan(self, meta: StepMetadata) -> Any:
         """Per-step tensors of this path (None: it needs none)."""
         return None
+
+    def compact(self, plan) -> None:
+        """Apply a ``CompactionPlan``'s slot moves to the pool (``compact_slots``, ``kernel_impl``)."""
+        pool = self.pool
+        compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score, plan.src_slot, plan.dst_slot,
+                      plan.num_moves, impl=self.kernel_impl, k_transposed=pool.k_transposed)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
         """k / v [T, H, D] of ``layer`` into the slots the step allocated (``write_kv``, ``kernel_impl``)."""

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..triton_kernels.compaction import compact_slots
 from .attention import AttentionPath
 from .config import KVPolicyConfig, parse_policy_config
 from .layout import KVPool
@@ -351,10 +350,7 @@ class HeadCacheRuntime:
         before = self.cache.lens[rows_t].to(torch.int64).sum()
         plan = self.cache.plan_compaction(rows_t, keep.view(len(rows), self.num_layers,
                                                             self.num_kv_heads, num_slots))
-        pool = self.pool
-        compact_slots(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score,
-                      plan.src_slot, plan.dst_slot, plan.num_moves, impl=self.attention.kernel_impl,
-                      k_transposed=pool.k_transposed)
+        self.attention.compact(plan)
         self.cache.commit_compaction(plan)
         self._evicted += before - plan.new_lens.to(torch.int64).sum()
 

@@ -11,6 +11,8 @@ use the torch path; the reference here is also the kernels' test oracle.
                               its score, reading K and V once
     write_kv                  a layer's new K/V rows and slot metadata into their slots
                               (reference: ``triton_kernels.write_kv.write_kv_reference``)
+    compact_slots             a compaction plan's slot moves
+                              (reference: ``triton_kernels.compaction.compact_slots_reference``)
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ try:
 except ImportError:  # not built: the torch paths run instead
     HAS_CPU_KERNELS = False
 
-__all__ = ["HAS_CPU_KERNELS", "scored_decode_attention", "scored_decode_attention_reference", "write_kv"]
+__all__ = ["HAS_CPU_KERNELS", "compact_slots", "scored_decode_attention", "scored_decode_attention_reference",
+           "write_kv"]
 
 NOT_BUILT = ("vllm_adaptive_kv._C is not built (make setup builds it, or pip install --no-build-isolation -e .); "
              "use the torch reference")
@@ -46,6 +49,21 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
         raise RuntimeError(NOT_BUILT)
     torch.ops.adaptive_kv.write_kv(key, value, slot_mapping, positions, flags, kv_pages, slot_pos, slot_flags,
                                    slot_score, k_transposed)
+
+
+def compact_slots(kv_pages: torch.Tensor, slot_pos: torch.Tensor, slot_flags: torch.Tensor, slot_score: torch.Tensor,
+                  src_slot: torch.Tensor, dst_slot: torch.Tensor, num_moves: torch.Tensor,
+                  k_transposed: bool = False) -> None:
+    """``triton_kernels.compaction.compact_slots`` on the CPU (same arguments, minus ``impl``).
+
+    src_slot / dst_slot [M, N] int64, num_moves [M] int32 under the planner's contract
+    (``compaction.py``); rows (head lists) run in parallel. Reference:
+    ``compact_slots_reference``. The kernel checks shapes, dtypes and slot bounds.
+    """
+    if not HAS_CPU_KERNELS:
+        raise RuntimeError(NOT_BUILT)
+    torch.ops.adaptive_kv.compact_slots(kv_pages, slot_pos, slot_flags, slot_score, src_slot, dst_slot, num_moves,
+                                        k_transposed)
 
 
 def scored_decode_attention(q: torch.Tensor, token: torch.Tensor, row: torch.Tensor, head: torch.Tensor,

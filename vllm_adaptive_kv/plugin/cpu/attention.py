@@ -30,6 +30,7 @@ from ...core.attention import AttentionPath, score_lists
 from ...core.buffers import StepBuffers
 from ...core.step import StepMetadata
 from ...cpu_kernels import HAS_CPU_KERNELS, scored_decode_attention
+from ...cpu_kernels import compact_slots as compact_slots_cpu
 from ...cpu_kernels import write_kv as write_kv_cpu
 
 ISA = "vec"
@@ -236,6 +237,15 @@ class NativeCpuAttention(AttentionPath):
         return starts
 
     # --- per layer ----------------------------------------------------------------
+
+    def compact(self, plan) -> None:
+        """The C++ moves when built (the torch reference's scatter into the pool's strided
+        views took seconds for one decode re-eviction in the engine)."""
+        if not HAS_CPU_KERNELS:
+            return super().compact(plan)
+        pool = self.pool
+        compact_slots_cpu(pool.kv_pages, pool.slot_pos, pool.slot_flags, pool.slot_score, plan.src_slot,
+                          plan.dst_slot, plan.num_moves, k_transposed=True)
 
     def write_kv(self, layer, k, v, meta) -> None:
         """The C++ write (one loop; the torch reference is a dozen indexing ops) when built."""
