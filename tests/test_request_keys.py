@@ -63,3 +63,18 @@ def test_keys_that_are_not_ours_pass_through(server_default, extra_args):
 def test_allowed_keys_without_a_known_policy_lists_every_key():
     text = validation.allowed_keys_text({"observation_window": 8}, None)
     assert text.startswith("are ") and "recovery_ratio" in text and "sink_tokens" in text
+
+
+@pytest.mark.parametrize("extra_args, message", [
+    ({"recent_window": 32, "decode_protect": 16}, None),  # FastGen's variants, per request (issue 15)
+    ({"kv_policy": "fastgen-paper", "recovery_ratio": 0.9}, None),
+    ({"recent_window": -3}, r"recent_window=-3 is invalid: allowed values are integers from 0 to 1024"),
+    ({"kv_policy": "fastgen-paper", "recent_window": 8}, r"recent_window=8 is invalid for kv_policy='fastgen-paper'"),
+    ({"kv_policy": "fastgen", "recent_windw": 8}, r"unknown key 'recent_windw' \(did you mean 'recent_window'\?\)"),
+])
+def test_fastgen_variant_keys_per_request(server_default, extra_args, message):
+    if message is None:
+        validate(extra_args)
+    else:
+        with pytest.raises(VLLMValidationError, match=message):
+            validate(extra_args)
