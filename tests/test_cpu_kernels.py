@@ -216,3 +216,49 @@ def test_compact_slots_refuses_a_slot_past_the_pool():
             torch.zeros(4, 16))
     with pytest.raises(RuntimeError, match="outside the pool's 4 pages"):
         compact_slots(*pool, torch.tensor([[70]]), torch.tensor([[0]]), torch.tensor([1], dtype=torch.int32))
+
+
+# --- score_rows -------------------------------------------------------------------------
+
+
+def rows_case(seed: int, dtype, group: int, num_pages: int = 3000):
+    """Prefill observation rows: each request's last few tokens, all heads of its lists."""
+    case = random_case(seed, dtype, group, num_pages=num_pages)
+    gen = torch.Generator().manual_seed(seed + 100)
+    rows, heads = case["lens"].shape
+    tokens = 4 * rows
+    case["q"] = torch.randn(tokens, heads * group, case["q"].shape[2], generator=gen).to(dtype)
+    case["q_pos"] = torch.randint(150, 420, (tokens,), generator=gen, dtype=torch.int32)
+    counts = [0, 1, 3, 4, 2]  # an empty span, a single row, ...
+    first = [4 * i for i in range(rows)]
+    case.update(first=torch.tensor(first).repeat_interleave(heads), count=torch.tensor(counts).repeat_interleave(heads),
+                row=torch.arange(rows).repeat_interleave(heads), head=torch.arange(heads).repeat(rows))
+    return case
+
+
+def run_rows(fn, case):
+    score = case["slot_score"].clone()
+    fn(case["q"], case["first"], case["count"], case["row"], case["head"], case["table"], case["lens"],
+       case["q_pos"], case["kv_pages"], case["slot_pos"], score, case["scale"])
+    return score
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3, 9])
+def test_score_rows_matches_reference(dtype, group):
+    from vllm_adaptive_kv.cpu_kernels import score_rows, score_rows_reference
+
+    case = rows_case(group, dtype, group)
+    want = run_rows(score_rows_reference, case)
+    got = run_rows(score_rows, case)
+    assert not torch.equal(want, case["slot_score"])  # something was scored
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_score_rows_page_offsets_past_int32():
+    from vllm_adaptive_kv.cpu_kernels import score_rows, score_rows_reference
+
+    case = rows_case(5, torch.bfloat16, 3, num_pages=600_000)
+    torch.testing.assert_close(run_rows(score_rows, case), run_rows(score_rows_reference, case), atol=1e-5, rtol=1e-5)

@@ -10,6 +10,9 @@ TORCH_LIBRARY(adaptive_kv, m) {
       "scored_decode_attention(Tensor q, Tensor token, Tensor row, Tensor head, Tensor table, Tensor lens, "
       "Tensor q_pos, Tensor kv_pages, Tensor slot_pos, Tensor(a!) out, Tensor(b!) slot_score, float scale) -> ()");
   m.def(
+      "score_rows(Tensor q, Tensor first, Tensor count, Tensor row, Tensor head, Tensor table, Tensor lens, "
+      "Tensor q_pos, Tensor kv_pages, Tensor slot_pos, Tensor(a!) slot_score, float scale) -> ()");
+  m.def(
       "write_kv(Tensor key, Tensor value, Tensor slot_mapping, Tensor positions, Tensor flags, "
       "Tensor(a!) kv_pages, Tensor(b!) slot_pos, Tensor(c!) slot_flags, Tensor(d!) slot_score, "
       "bool k_transposed) -> ()");

@@ -400,60 +400,132 @@ void attend_list(const Args& a, int64_t n, const T* q, const int64_t* token, con
   }
 }
 
+// logits[k * G + g, :] for `rows / G` tokens of one list against one K block: block_dots
+// for up to MAX_GROUP heads at a time.
+template <typename T>
+void token_block_dots(int64_t group, const float* q, const T* block, int64_t head_dim, int64_t bs, float* logits,
+                      int64_t stride) {
+  for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
+    const float* qg = q + g0 * head_dim;
+    float* out = logits + g0 * stride;
+    switch (std::min<int64_t>(MAX_GROUP, group - g0)) {
+#define ADAPTIVE_KV_DOTS(N) \
+  case N:                   \
+    block_dots<T, N>(qg, block, head_dim, bs, out, stride); \
+    break;
+      ADAPTIVE_KV_DOTS(1)
+      ADAPTIVE_KV_DOTS(2)
+      ADAPTIVE_KV_DOTS(3)
+      ADAPTIVE_KV_DOTS(4)
+      ADAPTIVE_KV_DOTS(5)
+      ADAPTIVE_KV_DOTS(6)
+      ADAPTIVE_KV_DOTS(7)
+      ADAPTIVE_KV_DOTS(8)
+#undef ADAPTIVE_KV_DOTS
+    }
+  }
+}
+
+// Scores of the observation rows of list n: tokens first[n] .. first[n] + count[n] - 1
+// of one request, each with its G query heads, over the list (row[n], head[n]). Float32
+// logits (the reference's rule for multi-token rows: no rounding to the pool's dtype),
+// causal by position; every row's softmax summed into the slots' scores. The output is
+// vLLM's kernel's business: this only scores.
+template <typename T>
+void score_list_rows(const Args& a, int64_t n, const T* q, const int64_t* first, const int64_t* count,
+                     const int64_t* row, const int64_t* head, const int32_t* table, const int32_t* lens,
+                     const int32_t* q_pos, const T* kv, const int32_t* slot_pos, float* slot_score) {
+  const int64_t G = a.group, D = a.head_dim, bs = a.block_size;
+  const int64_t r = row[n], h = head[n], t0 = first[n], tokens = count[n];
+  int64_t len = lens[r * a.lens_sr + h * a.lens_sh];
+  len = std::max<int64_t>(0, std::min(len, a.width * bs));
+  const int64_t pages = (len + bs - 1) / bs, S = pages * bs, rows = tokens * G;
+  if (pages == 0 || tokens <= 0) return;
+  const int32_t* page_ids = table + r * a.table_sr + h * a.table_sh;
+  for (int64_t j = 0; j < pages; ++j) {
+    const int64_t p = page_ids[j * a.table_sw];
+    TORCH_CHECK(p >= 0 && p < a.num_pages, "score_rows: list (row ", r, ", head ", h, ") holds ", len,
+                " slots but its page ", j, " is ", p, " (pool of ", a.num_pages, " pages)");
+  }
+  Scratch& w = thread_scratch();
+  w.q.resize(rows * D);
+  w.logits.resize(rows * S);
+  w.ref_max.resize(2 * rows);  // per row: max, then the factor 1 / sum
+  for (int64_t k = 0; k < tokens; ++k)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d)
+        w.q[(k * G + g) * D + d] = to_float(q[(t0 + k) * a.q_st + (h * G + g) * a.q_sh + d]);
+  float* row_max = w.ref_max.data();
+  std::fill(row_max, row_max + rows, NEG_INF);
+  for (int64_t j = 0; j < pages; ++j) {
+    const int64_t p = page_ids[j * a.table_sw];
+    if (j + 1 < pages) prefetch_page(kv + page_ids[(j + 1) * a.table_sw] * a.kv_sp, bs * D * sizeof(T));
+    const T* block = kv + p * a.kv_sp;
+    const int64_t valid = std::min(bs, len - j * bs);
+    for (int64_t k = 0; k < tokens; ++k) {
+      float* logits = w.logits.data() + k * G * S + j * bs;
+      token_block_dots<T>(G, w.q.data() + k * G * D, block, D, bs, logits, S);
+      for (int64_t g = 0; g < G; ++g)
+        row_max[k * G + g] = std::max(row_max[k * G + g], mask_logits<float>(logits + g * S, slot_pos + p * a.pos_sp,
+                                                                               bs, valid, q_pos[t0 + k], a.scale));
+    }
+  }
+  float* factor = w.ref_max.data() + rows;
+  for (int64_t i = 0; i < rows; ++i) {  // a row that sees nothing adds nothing
+    float* l = w.logits.data() + i * S;
+    if (row_max[i] == NEG_INF) {
+      std::fill(l, l + S, 0.f);
+      factor[i] = 0.f;
+      continue;
+    }
+    factor[i] = 1.f / exp_shifted(l, S, row_max[i]);
+  }
+  for (int64_t j = 0; j < pages; ++j)
+    add_block_scores(slot_score + page_ids[j * a.table_sw] * a.score_sp, w.logits.data() + j * bs, S, factor, rows,
+                     std::min(bs, len - j * bs));
+}
+
 void check_index(const at::Tensor& x, const char* name, int64_t n) {
   TORCH_CHECK(x.dim() == 1 && x.numel() == n && x.scalar_type() == at::kLong && x.is_contiguous(),
-              "scored_decode_attention: ", name, " must be a contiguous [", n, "] int64 tensor, got ",
+              "adaptive_kv: ", name, " must be a contiguous [", n, "] int64 tensor, got ",
               x.sizes(), " ", x.scalar_type());
 }
 
-void check_cpu(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "scored_decode_attention: ", name, " must be on the CPU, got ", x.device());
-}
 
-}  // namespace
-
-void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const at::Tensor& row,
-                             const at::Tensor& head, const at::Tensor& table, const at::Tensor& lens,
-                             const at::Tensor& q_pos, const at::Tensor& kv_pages, const at::Tensor& slot_pos,
-                             at::Tensor& out, at::Tensor& slot_score, double scale) {
-  const at::Tensor* all[] = {&q, &token, &row, &head, &table, &lens, &q_pos, &kv_pages, &slot_pos, &out,
-                             &slot_score};
-  const char* names[] = {"q", "token", "row", "head", "table", "lens", "q_pos", "kv_pages", "slot_pos", "out",
-                         "slot_score"};
-  for (int i = 0; i < 11; ++i) check_cpu(*all[i], names[i]);
+// Checks shared by the ops; the Args of a call. `op` names the op in the errors.
+Args checked_args(const char* op, const at::Tensor& q, const at::Tensor& table, const at::Tensor& lens,
+                  const at::Tensor& q_pos, const at::Tensor& kv_pages, const at::Tensor& slot_pos,
+                  const at::Tensor& slot_score, const at::Tensor& out, double scale) {
+  const at::Tensor* all[] = {&q, &table, &lens, &q_pos, &kv_pages, &slot_pos, &slot_score, &out};
+  const char* names[] = {"q", "table", "lens", "q_pos", "kv_pages", "slot_pos", "slot_score", "out"};
+  for (int i = 0; i < 8; ++i)
+    TORCH_CHECK(all[i]->device().is_cpu(), op, ": ", names[i], " must be on the CPU, got ", all[i]->device());
   TORCH_CHECK(kv_pages.dim() == 4 && kv_pages.size(1) == 2 && kv_pages.stride(3) == 1 &&
                   kv_pages.stride(2) == kv_pages.size(3),
-              "scored_decode_attention: kv_pages must be [P, 2, bs, D] with contiguous blocks, got ",
-              kv_pages.sizes(), " strides ", kv_pages.strides());
+              op, ": kv_pages must be [P, 2, bs, D] with contiguous blocks, got ", kv_pages.sizes(), " strides ",
+              kv_pages.strides());
   const int64_t num_pages = kv_pages.size(0), bs = kv_pages.size(2), D = kv_pages.size(3);
-  TORCH_CHECK(q.dim() == 3 && q.size(2) == D && q.stride(2) == 1 && q.scalar_type() == kv_pages.scalar_type(),
-              "scored_decode_attention: q must be [T, Hq, ", D, "] ", kv_pages.scalar_type(),
-              " with a contiguous last dim, got ", q.sizes(), " ", q.scalar_type());
-  TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1 && out.scalar_type() == q.scalar_type(),
-              "scored_decode_attention: out must match q (", q.sizes(), "), got ", out.sizes());
-  TORCH_CHECK(table.dim() == 3 && table.scalar_type() == at::kInt,
-              "scored_decode_attention: table must be [R, H, W] int32, got ", table.sizes(), " ", table.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == D && q.stride(2) == 1 && q.scalar_type() == kv_pages.scalar_type(), op,
+              ": q must be [T, Hq, ", D, "] ", kv_pages.scalar_type(), " with a contiguous last dim, got ", q.sizes(),
+              " ", q.scalar_type());
+  TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1 && out.scalar_type() == q.scalar_type(), op,
+              ": out must match q (", q.sizes(), "), got ", out.sizes());
+  TORCH_CHECK(table.dim() == 3 && table.scalar_type() == at::kInt, op, ": table must be [R, H, W] int32, got ",
+              table.sizes(), " ", table.scalar_type());
   const int64_t num_heads = table.size(1);
   TORCH_CHECK(lens.dim() == 2 && lens.size(0) == table.size(0) && lens.size(1) == num_heads &&
                   lens.scalar_type() == at::kInt,
-              "scored_decode_attention: lens must be [R, H] int32 like table, got ", lens.sizes());
-  TORCH_CHECK(num_heads > 0 && q.size(1) % num_heads == 0, "scored_decode_attention: q has ", q.size(1),
+              op, ": lens must be [R, H] int32 like table, got ", lens.sizes());
+  TORCH_CHECK(num_heads > 0 && q.size(1) % num_heads == 0, op, ": q has ", q.size(1),
               " query heads, not a multiple of the table's ", num_heads, " kv heads");
   TORCH_CHECK(q_pos.dim() == 1 && q_pos.numel() == q.size(0) && q_pos.scalar_type() == at::kInt &&
                   q_pos.is_contiguous(),
-              "scored_decode_attention: q_pos must be a contiguous [T] int32 tensor, got ", q_pos.sizes());
-  for (const at::Tensor* x : {&slot_pos, static_cast<const at::Tensor*>(&slot_score)})
-    TORCH_CHECK(x->dim() == 2 && x->size(0) == num_pages && x->size(1) == bs && x->stride(1) == 1,
-                "scored_decode_attention: slot_pos / slot_score must be [", num_pages, ", ", bs,
-                "] with contiguous rows, got ", x->sizes());
-  TORCH_CHECK(slot_pos.scalar_type() == at::kInt && slot_score.scalar_type() == at::kFloat,
-              "scored_decode_attention: slot_pos must be int32 and slot_score float32");
-  const int64_t n = token.numel();
-  check_index(token, "token", n);
-  check_index(row, "row", n);
-  check_index(head, "head", n);
-  if (n == 0) return;
-
+              op, ": q_pos must be a contiguous [T] int32 tensor, got ", q_pos.sizes());
+  for (const at::Tensor* x : {&slot_pos, &slot_score})
+    TORCH_CHECK(x->dim() == 2 && x->size(0) == num_pages && x->size(1) == bs && x->stride(1) == 1, op,
+                ": slot_pos / slot_score must be [", num_pages, ", ", bs, "] with contiguous rows, got ", x->sizes());
+  TORCH_CHECK(slot_pos.scalar_type() == at::kInt && slot_score.scalar_type() == at::kFloat, op,
+              ": slot_pos must be int32 and slot_score float32");
   Args a;
   a.group = q.size(1) / num_heads;
   a.head_dim = D;
@@ -466,16 +538,39 @@ void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const
   a.kv_sp = kv_pages.stride(0), a.kv_sk = kv_pages.stride(1);
   a.pos_sp = slot_pos.stride(0), a.score_sp = slot_score.stride(0);
   a.scale = static_cast<float>(scale);
-  // Bounds of the per-list indices, checked once here so the kernel can trust them.
-  const int64_t* tok = token.data_ptr<int64_t>();
+  return a;
+}
+
+// Each list's (row, head) in range, checked once here so the kernels can trust them.
+void check_lists(const char* op, const at::Tensor& row, const at::Tensor& head, const at::Tensor& table, int64_t n) {
+  check_index(row, "row", n);
+  check_index(head, "head", n);
   const int64_t* rows = row.data_ptr<int64_t>();
   const int64_t* heads = head.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(tok[i] >= 0 && tok[i] < q.size(0) && rows[i] >= 0 && rows[i] < table.size(0) && heads[i] >= 0 &&
-                    heads[i] < num_heads,
-                "scored_decode_attention: list ", i, " = (token ", tok[i], ", row ", rows[i], ", head ", heads[i],
-                ") is out of range (T=", q.size(0), ", R=", table.size(0), ", H=", num_heads, ")");
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < table.size(0) && heads[i] >= 0 && heads[i] < table.size(1), op, ": list ", i,
+                " = (row ", rows[i], ", head ", heads[i], ") is out of range (R=", table.size(0), ", H=",
+                table.size(1), ")");
+}
 
+}  // namespace
+
+void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const at::Tensor& row,
+                             const at::Tensor& head, const at::Tensor& table, const at::Tensor& lens,
+                             const at::Tensor& q_pos, const at::Tensor& kv_pages, const at::Tensor& slot_pos,
+                             at::Tensor& out, at::Tensor& slot_score, double scale) {
+  const Args a = checked_args("scored_decode_attention", q, table, lens, q_pos, kv_pages, slot_pos, slot_score, out,
+                              scale);
+  const int64_t n = token.numel();
+  check_index(token, "token", n);
+  check_lists("scored_decode_attention", row, head, table, n);
+  const int64_t* tok = token.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(tok[i] >= 0 && tok[i] < q.size(0), "scored_decode_attention: list ", i, " = (token ", tok[i],
+                ") is out of range (T=", q.size(0), ")");
+  if (n == 0) return;
+  const int64_t* rows = row.data_ptr<int64_t>();
+  const int64_t* heads = head.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scored_decode_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kv = kv_pages.data_ptr<scalar_t>();
@@ -492,8 +587,40 @@ void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const
   });
 }
 
+void score_rows(const at::Tensor& q, const at::Tensor& first, const at::Tensor& count, const at::Tensor& row,
+                const at::Tensor& head, const at::Tensor& table, const at::Tensor& lens, const at::Tensor& q_pos,
+                const at::Tensor& kv_pages, const at::Tensor& slot_pos, at::Tensor& slot_score, double scale) {
+  const Args a = checked_args("score_rows", q, table, lens, q_pos, kv_pages, slot_pos, slot_score, q, scale);
+  const int64_t n = first.numel();
+  check_index(first, "first", n);
+  check_index(count, "count", n);
+  check_lists("score_rows", row, head, table, n);
+  const int64_t* firsts = first.data_ptr<int64_t>();
+  const int64_t* counts = count.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(firsts[i] >= 0 && counts[i] >= 0 && firsts[i] + counts[i] <= q.size(0), "score_rows: list ", i,
+                " = tokens ", firsts[i], " .. ", firsts[i] + counts[i], " is out of range (T=", q.size(0), ")");
+  if (n == 0) return;
+  const int64_t* rows = row.data_ptr<int64_t>();
+  const int64_t* heads = head.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "score_rows", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kv = kv_pages.data_ptr<scalar_t>();
+    const int32_t* tab = table.data_ptr<int32_t>();
+    const int32_t* ln = lens.data_ptr<int32_t>();
+    const int32_t* qpos = q_pos.data_ptr<int32_t>();
+    const int32_t* spos = slot_pos.data_ptr<int32_t>();
+    float* score = slot_score.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        score_list_rows<scalar_t>(a, i, qp, firsts, counts, rows, heads, tab, ln, qpos, kv, spos, score);
+    });
+  });
+}
+
 TORCH_LIBRARY_IMPL(adaptive_kv, CPU, m) {
   m.impl("scored_decode_attention", &scored_decode_attention);
+  m.impl("score_rows", &score_rows);
 }
 
 }  // namespace adaptive_kv

@@ -175,11 +175,11 @@ def attention_path(name: str) -> AttentionPath:
 
 
 def score_lists(pool: KVPool, cache: PagedHeadCache, layer: int, q: torch.Tensor, meta: StepMetadata,
-                scale: float, decode: bool = True) -> None:
+                scale: float) -> None:
     """Scores of the step's observation rows at ``layer``, list by list.
 
-    For paths whose attention returns no probabilities (``decode=False``: the prefill
-    spans only, for a path that scores its decode lists itself). Decode lists gather only
+    For paths whose attention returns no probabilities (the native CPU path without its
+    C++ kernels, which score inside ``scored_decode_attention`` / ``score_rows``). Decode lists gather only
     their own width (scored lists are compressed ones, often far shorter than the
     step's longest; a host read, free on CPU where this runs). Logit precision
     follows ``list_probs``, like the torch reference, so both paths decide alike.
@@ -190,7 +190,7 @@ def score_lists(pool: KVPool, cache: PagedHeadCache, layer: int, q: torch.Tensor
     by_head = q.view(num_tokens, num_heads, -1, head_dim)
     positions = meta.tokens.positions.long()
     width = max(meta.requests.width, 1)
-    if decode and scoring.decode_lists[layer] is not None:
+    if scoring.decode_lists[layer] is not None:
         token, row, head = scoring.decode_lists[layer]
         lens = cache.lens[row, layer, head]
         own = max(1, -(-int(lens.max()) // pool.block_size))

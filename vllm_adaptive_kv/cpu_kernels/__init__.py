@@ -9,6 +9,8 @@ use the torch path; the reference here is also the kernels' test oracle.
     scored_decode_attention   decode attention of scored lists, adding each slot's
                               softmax probability (summed over the query group) to
                               its score, reading K and V once
+    score_rows                the scores of prefill observation rows (the prompt's last
+                              window), list by list, without the attention output
     write_kv                  a layer's new K/V rows and slot metadata into their slots
                               (reference: ``triton_kernels.write_kv.write_kv_reference``)
     compact_slots             a compaction plan's slot moves
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..triton_kernels.paged_attention import add_slot_scores, list_attention
+from ..triton_kernels.paged_attention import add_slot_scores, list_attention, list_probs
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.adaptive_kv)
@@ -28,8 +30,8 @@ try:
 except ImportError:  # not built: the torch paths run instead
     HAS_CPU_KERNELS = False
 
-__all__ = ["HAS_CPU_KERNELS", "compact_slots", "scored_decode_attention", "scored_decode_attention_reference",
-           "write_kv"]
+__all__ = ["HAS_CPU_KERNELS", "compact_slots", "score_rows", "score_rows_reference", "scored_decode_attention",
+           "scored_decode_attention_reference", "write_kv"]
 
 NOT_BUILT = ("vllm_adaptive_kv._C is not built (make setup builds it, or pip install --no-build-isolation -e .); "
              "use the torch reference")
@@ -105,3 +107,41 @@ def scored_decode_attention_reference(q, token, row, head, table, lens, q_pos, k
                                        scale, k_transposed=True, decode_logits_in_pool_dtype=True)
     out.view(q.shape[0], num_heads, group, head_dim)[token, head] = attn[:, 0].to(out.dtype)
     add_slot_scores(slot_score, probs, page)
+
+
+def score_rows(q: torch.Tensor, first: torch.Tensor, count: torch.Tensor, row: torch.Tensor, head: torch.Tensor,
+               table: torch.Tensor, lens: torch.Tensor, q_pos: torch.Tensor, kv_pages: torch.Tensor,
+               slot_pos: torch.Tensor, slot_score: torch.Tensor, scale: float) -> None:
+    """Add the softmax probabilities of N lists' query rows to their slots' scores.
+
+    List n is (row[n], head[n]) of the layer views ``table [R, H, W]`` / ``lens [R, H]``;
+    its rows are tokens ``first[n] .. first[n] + count[n] - 1`` of q [T, Hq, D], each with
+    the G query heads of kv head ``head``. Logits in float32 (the reference's rule for
+    multi-token rows), key slot s visible iff ``s < lens`` and ``slot_pos <= q_pos[token]``;
+    each slot gains its probability summed over the rows and their G heads. first /
+    count / row / head int64 [N]; two lists must not share a slot. K blocks stored
+    [D, bs] (``k_transposed``). Reference: ``score_rows_reference``.
+    """
+    if not HAS_CPU_KERNELS:
+        raise RuntimeError(NOT_BUILT)
+    torch.ops.adaptive_kv.score_rows(q, first, count, row, head, table, lens, q_pos, kv_pages, slot_pos, slot_score,
+                                     float(scale))
+
+
+def score_rows_reference(q, first, count, row, head, table, lens, q_pos, kv_pages, slot_pos, slot_score,
+                         scale) -> None:
+    """Torch version of :func:`score_rows` (same arguments): ``list_probs`` / ``add_slot_scores``, list by list."""
+    num_heads = table.shape[1]
+    group = q.shape[1] // num_heads
+    by_head = q.view(q.shape[0], num_heads, group, q.shape[2])
+    block_size = kv_pages.shape[2]
+    for t0, n, r, h in zip(first.tolist(), count.tolist(), row.tolist(), head.tolist()):
+        if n == 0:
+            continue
+        list_len = lens[r, h].reshape(1)
+        width = max(1, -(-int(list_len) // block_size))
+        page = table[r, h, :width].reshape(1, width)
+        rows = by_head[t0:t0 + n, h][None]  # [1, n, G, D]
+        probs, page = list_probs(rows, page, list_len, q_pos[t0:t0 + n].long()[None], kv_pages, slot_pos, scale,
+                                 k_transposed=True)
+        add_slot_scores(slot_score, probs, page)

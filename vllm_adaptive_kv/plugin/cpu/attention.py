@@ -29,7 +29,7 @@ import torch
 from ...core.attention import AttentionPath, score_lists
 from ...core.buffers import StepBuffers
 from ...core.step import StepMetadata
-from ...cpu_kernels import HAS_CPU_KERNELS, scored_decode_attention
+from ...cpu_kernels import HAS_CPU_KERNELS, score_rows, scored_decode_attention
 from ...cpu_kernels import compact_slots as compact_slots_cpu
 from ...cpu_kernels import write_kv as write_kv_cpu
 
@@ -119,9 +119,15 @@ class NativePlan:
 
     Every layer's seq_lens and table come from one gather of the step's lists, and
     layers with no scored list share one query_rows / seq_start.
+
+    span_lists = (first, count, row, head) int64 [N]: the prefill observation rows
+    (``StepScoring.spans``) as ``score_rows`` takes them, every kv head of each span's
+    request (the same lists at every layer); None when there are none or the C++
+    kernels are not built (then ``score_lists`` scores them in torch).
     """
 
     layers: list[NativeLayer]
+    span_lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class NativeCpuAttention(AttentionPath):
@@ -132,7 +138,7 @@ class NativeCpuAttention(AttentionPath):
     which attends them and adds their scores reading K and V once; vLLM's kernel attends
     the rest. Without it vLLM's kernel attends every list and ``score_lists`` gathers the
     scored ones again in torch. Observation rows of prefill chunks (the prompt's last
-    window) are scored by ``score_lists`` either way.
+    window) are scored by the C++ ``score_rows`` (``score_lists`` in torch without it).
 
     Per-step tensors are views of ``StepBuffers`` sized at ``bind`` for a decode step of
     every request row (``max_reqs`` tokens): decode steps allocate no buffer.
@@ -187,10 +193,11 @@ class NativeCpuAttention(AttentionPath):
                     keep[layer, lists[2], token_req[lists[0]]] = False
         lens, table, per_layer = self._gather_lists(requests.rows_t, keep, max(requests.width, 1))
         seq_tokens = counts.repeat(heads)  # [H * R], sequence s = h * R + i
+        spans = self._span_lists(meta)
         if keep is None:
             seq_start = self._starts(seq_tokens)
             return NativePlan([NativeLayer(None, seq_start, lens_l, table_l, None)
-                               for lens_l, table_l in zip(lens.split(per_layer), table.split(per_layer))])
+                               for lens_l, table_l in zip(lens.split(per_layer), table.split(per_layer))], spans)
         # head-major rows h * T + t of the kept sequences: (h, i, token of i) order is (h, t) order
         kept_rows = keep.reshape(layers, -1).repeat_interleave(seq_tokens, dim=1)  # [L, H * T]
         rows_per_layer = kept_rows.sum(1).tolist()
@@ -198,7 +205,18 @@ class NativeCpuAttention(AttentionPath):
         kept = keep.reshape(layers, -1)
         return NativePlan([
             NativeLayer(query_rows[layer], self._starts(seq_tokens[kept[layer]]), lens_l, table_l, scored[layer])
-            for layer, (lens_l, table_l) in enumerate(zip(lens.split(per_layer), table.split(per_layer)))])
+            for layer, (lens_l, table_l) in enumerate(zip(lens.split(per_layer), table.split(per_layer)))], spans)
+
+    def _span_lists(self, meta: StepMetadata):
+        """``NativePlan.span_lists`` of the step (None: no span, or no C++ kernels)."""
+        scoring = meta.scoring
+        if not self.fused_scores or scoring is None or not scoring.spans:
+            return None
+        heads = self.cache.shape[2]
+        spans = torch.tensor(scoring.spans, dtype=torch.int64, device=self.cache.device)  # [S, 3] (row, start, end)
+        row, first, end = (c.repeat_interleave(heads) for c in spans.unbind(1))
+        head = torch.arange(heads, device=spans.device).repeat(spans.shape[0])
+        return first, end - first, row, head
 
     def _scored_lists(self, meta: StepMetadata) -> list:
         """Per layer, the (token, row, head) decode lists the fused kernel attends (or None)."""
@@ -290,8 +308,10 @@ class NativeCpuAttention(AttentionPath):
             scored_decode_attention(q, token, row, head, self.cache.table[:, layer], self.cache.lens[:, layer],
                                     meta.tokens.positions, pool.kv_pages, pool.slot_pos, out, pool.slot_score,
                                     scale)
-        scoring = meta.scoring
-        if scoring is not None and (scoring.spans or (not self.fused_scores and scoring.decode_lists is not None
-                                                       and scoring.decode_lists[layer] is not None)):
+        if meta.path.span_lists is not None:
             with self.timer.part("score_s"):
-                score_lists(self.pool, self.cache, layer, q, meta, scale, decode=not self.fused_scores)
+                score_rows(q, *meta.path.span_lists, self.cache.table[:, layer], self.cache.lens[:, layer],
+                           meta.tokens.positions, self.pool.kv_pages, self.pool.slot_pos, self.pool.slot_score, scale)
+        elif not self.fused_scores and meta.scoring is not None:  # torch: decode rows and spans
+            with self.timer.part("score_s"):
+                score_lists(self.pool, self.cache, layer, q, meta, scale)
