@@ -209,3 +209,35 @@ def test_format_cell_prints_ratios_and_concurrency():
                                         "preemptions": 0}}, "curve_prediction": {"vanilla": 12.5}}
     text = bench_suite.format_cell(cell)
     assert "amx" in text and "2 whole requests fit" in text and "12.50 output tok/s" in text
+
+
+class FakeServer:
+    def __init__(self, name, alive_after_cells):
+        self.name, self.cells_left, self.stopped, self.log_path = name, alive_after_cells, False, f"/tmp/{name}.log"
+
+    def alive(self):
+        return self.cells_left > 0
+
+    def __exit__(self, *exc):
+        self.stopped = True
+
+
+def test_a_cell_runs_once_more_on_a_fresh_server_when_the_first_died():
+    suite = bench_suite.Suite.__new__(bench_suite.Suite)  # no model folder needed for this part
+    ran, started = [], []
+
+    def run_cell(server, budget, label, out, arrivals, workload, retry=False):
+        ran.append((server.name, retry))
+        server.cells_left -= 1
+
+    def start_server(budget, label):
+        started.append(label)
+        return FakeServer("second", 5)
+
+    suite.run_cell, suite.start_server = run_cell, start_server
+    first = FakeServer("first", 2)
+    assert suite.run_cell_once_more_if_died(first, {"name": "bound-2"}, "full", "short", "burst", []) is first
+    assert ran == [("first", False)] and not started
+    live = suite.run_cell_once_more_if_died(first, {"name": "bound-2"}, "full", "long", "burst", [])  # first dies in this cell
+    assert live.name == "second" and first.stopped and started == ["full"]
+    assert ran[1:] == [("first", False), ("second", True)]

@@ -466,23 +466,48 @@ class Suite:
 
     def run_budget(self, budget: dict, workloads: dict, curve_here: bool) -> None:
         for label in self.args.configs:
-            config = CONFIGS[label]
-            sargs = server_args(self.args, config, budget["bytes"])
-            port = bench.next_port(self.args)
-            cmd = bench.server_command(config.policy or bench.VANILLA, sargs, self.model_dir, port)
-            log_path = self.log_dir / f"serve-{budget['name']}-{label}.log"
-            with bench.Server(f"{budget['name']} {label}", cmd, port, log_path, self.args.start_timeout) as server:
-                info = cache_info(http_get(server.base + "/metrics"))
-                info.update({"start_s": server.start_s, "server_cmd": cmd, "log": str(log_path),
-                             "kernel": attention_kernel(config, bench.log_tail(log_path, 10**6), self.args.dtype,
-                                                        info.get("block_size"), self.head_dim)})
-                budget["servers"][label] = info
-                self.save()
+            server = self.start_server(budget, label)
+            try:
                 for arrivals in self.args.arrivals:
                     for out in self.args.outputs:
-                        self.run_cell(server, sargs, budget, label, out, arrivals, workloads[out])
+                        server = self.run_cell_once_more_if_died(server, budget, label, out, arrivals,
+                                                                 workloads[out])
                 if curve_here and label in self.args.curve_configs and self.args.curve_points:
-                    self.run_curve(server, sargs, label, budget["name"])
+                    self.run_curve(server, label, budget["name"])
+            finally:
+                server.__exit__(None, None, None)
+
+    def start_server(self, budget: dict, label: str) -> bench.Server:
+        """A started server of ``label`` at ``budget``; records its cache, kernel and start-up."""
+        config = CONFIGS[label]
+        sargs = server_args(self.args, config, budget["bytes"])
+        port = bench.next_port(self.args)
+        cmd = bench.server_command(config.policy or bench.VANILLA, sargs, self.model_dir, port)
+        starts = budget.setdefault("starts", {}).get(label, 0)
+        log_path = self.log_dir / f"serve-{budget['name']}-{label}{f'-{starts}' if starts else ''}.log"
+        server = bench.Server(f"{budget['name']} {label}", cmd, port, log_path, self.args.start_timeout).__enter__()
+        server.sargs = sargs
+        budget["starts"][label] = starts + 1
+        info = cache_info(http_get(server.base + "/metrics"))
+        info.update({"start_s": server.start_s, "server_cmd": cmd, "log": str(log_path), "starts": starts + 1,
+                     "kernel": attention_kernel(config, bench.log_tail(log_path, 10**6), self.args.dtype,
+                                                info.get("block_size"), self.head_dim)})
+        budget["servers"][label] = info
+        self.save()
+        return server
+
+    def run_cell_once_more_if_died(self, server, budget, label, out, arrivals, workload) -> bench.Server:
+        """Run a cell; if the server died meanwhile (on a shared machine, the kernel's OOM
+        killer), start a fresh one and run the cell once more. Returns the live server."""
+        self.run_cell(server, budget, label, out, arrivals, workload)
+        if server.alive():
+            return server
+        print(f"[suite] {budget['name']} {label}: the server died during {out}/{arrivals} "
+              f"(log {server.log_path}); starting a fresh one and running the cell once more", flush=True)
+        server.__exit__(None, None, None)
+        server = self.start_server(budget, label)
+        self.run_cell(server, budget, label, out, arrivals, workload, retry=True)
+        return server
 
     def cell(self, budget: dict, out: str, arrivals: str) -> dict:
         name = f"{budget['name']}/{out}/{arrivals}"
@@ -494,7 +519,8 @@ class Suite:
         self.doc["cells"].append(c)
         return c
 
-    def run_cell(self, server, sargs, budget: dict, label: str, out: str, arrivals: str, workload: list) -> None:
+    def run_cell(self, server, budget: dict, label: str, out: str, arrivals: str, workload: list,
+                 retry: bool = False) -> None:
         cell = self.cell(budget, out, arrivals)
         if arrivals == "poisson":
             rate = self.rates.get((budget["name"], out))
@@ -503,11 +529,13 @@ class Suite:
             workload = with_arrivals(workload, rate, self.args.seed)
             cell["rate"] = rate
         cell["workload"] = bench.workload_summary(workload, cell["rate"], self.args.seed)
-        row = bench.measure(server, label, workload, sargs)
+        row = bench.measure(server, label, workload, server.sargs)
         row.pop("samples")  # the suite keeps summaries only (bench keeps every sample)
         row["kernel"] = budget["servers"][label]["kernel"]
+        row["retry"] = retry  # the first server died during this cell
         cell["runs"][label] = row
-        if arrivals == "burst" and (budget["name"], out) not in self.rates and row["requests_per_s"]:
+        if arrivals == "burst" and (budget["name"], out) not in self.rates and row["requests_per_s"] \
+                and not row["failed"]:
             self.rates[(budget["name"], out)] = self.args.poisson_load * row["requests_per_s"]
         self.finish_cell(cell)
         print(format_cell(cell), flush=True)
@@ -525,7 +553,7 @@ class Suite:
 
     # --- the batching curve -------------------------------------------------------------------
 
-    def run_curve(self, server, sargs, label: str, budget_name: str) -> None:
+    def run_curve(self, server, label: str, budget_name: str) -> None:
         args = self.args
         need = max(args.curve_points) * args.curve_rounds
         workload = bench.build_workload(need, args.prompt_tokens, (args.long_output, args.long_output), args.seed,
@@ -533,7 +561,7 @@ class Suite:
         curve = self.doc["curve"].setdefault(label, {"budget": budget_name, "output_tokens": args.long_output,
                                                      "points": []})
         for k in args.curve_points:
-            row = bench.measure(server, label, workload[:k * args.curve_rounds], sargs, concurrency=k)
+            row = bench.measure(server, label, workload[:k * args.curve_rounds], server.sargs, concurrency=k)
             curve["points"].append({"in_flight": k, "output_tokens_per_s": row["output_tokens_per_s"],
                                     "mean_running": row["mean_running"], "peak_running": row["peak_running"],
                                     "tpot_s": row["tpot_s"], "wall_s": row["wall_s"], "failed": row["failed"],
@@ -723,11 +751,9 @@ def main(argv=None) -> int:
           + f"; logs in {log_dir}", flush=True)
     budgets = suite.doc["budgets"]
     curve_budget = next((b for b in budgets if b["k"] is None), max(budgets, key=lambda b: b["bytes"]))
-    # The curve's budget runs first, so memory-bound cells can be compared with it as they finish.
-    order = [curve_budget] + [b for b in budgets if b is not curve_budget]
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        for budget in order:
+        for budget in budgets:  # in --budgets order: put first what must finish first
             suite.run_budget(budget, workloads, budget is curve_budget)
     except KeyboardInterrupt:
         print("[suite] interrupted; servers stopped", file=sys.stderr)
