@@ -195,6 +195,7 @@ def main(argv=None) -> int:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=child_main, args=(child, name, vars(args), texts), daemon=True)
         proc.start()
+        child.close()  # the child holds its end: if it dies, recv() here raises EOFError
         info = parent.recv()
         print(f"[decode_profile] {name}: ready (prefill {info['prefill_s']:.1f} s, pid {info['pid']})", flush=True)
         children[name] = (proc, parent, info)

@@ -9,10 +9,13 @@ each step records, in seconds:
              schedule()) + applying the workers'           per-head sequence lists
              reports (update_from_output)         evict_s  eviction + compaction + report
     step_s   from the end of schedule() to the    score_s  attention-score accumulation
-             end of update_from_output, plus               for scoring policies: the native
-             our reservation time                          CPU path only (torch, beside vLLM's
-                                                           kernel); the torch path scores
-                                                           inside its attention, untimed apart
+             end of update_from_output, plus               for scoring policies, native CPU
+             our reservation time                          path only: the prompt window's rows
+                                                           (C++ score_rows), and decode rows
+                                                           too without the C++ kernels (torch);
+                                                           with them decode scores come inside
+                                                           the attention kernel, untimed apart,
+                                                           as on the torch and Triton paths
                                                   worker_step_s  execute_model up to the
                                                            report (sampling excluded)
 

@@ -184,13 +184,7 @@ class NativeCpuAttention(AttentionPath):
         device = self.cache.device
         counts = torch.tensor(requests.num_tokens, dtype=torch.int64, device=device)  # [R]
         scored = self._scored_lists(meta)
-        keep = None  # [L, H, R] bool: sequences vLLM's kernel attends (None: all of them)
-        if any(s is not None for s in scored):
-            keep = torch.ones(layers, heads, num_reqs, dtype=torch.bool, device=device)
-            token_req = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts, output_size=total)
-            for layer, lists in enumerate(scored):
-                if lists is not None:
-                    keep[layer, lists[2], token_req[lists[0]]] = False
+        keep = self._unscored(scored, counts, total)  # [L, H, R] bool (None: every sequence)
         lens, table, per_layer = self._gather_lists(requests.rows_t, keep, max(requests.width, 1))
         seq_tokens = counts.repeat(heads)  # [H * R], sequence s = h * R + i
         spans = self._span_lists(meta)
@@ -202,10 +196,44 @@ class NativeCpuAttention(AttentionPath):
         kept_rows = keep.reshape(layers, -1).repeat_interleave(seq_tokens, dim=1)  # [L, H * T]
         rows_per_layer = kept_rows.sum(1).tolist()
         query_rows = kept_rows.nonzero()[:, 1].split(rows_per_layer)
-        kept = keep.reshape(layers, -1)
+        seq_start = self._layer_starts(keep.reshape(layers, -1), seq_tokens, per_layer)
         return NativePlan([
-            NativeLayer(query_rows[layer], self._starts(seq_tokens[kept[layer]]), lens_l, table_l, scored[layer])
+            NativeLayer(query_rows[layer], seq_start[layer], lens_l, table_l, scored[layer])
             for layer, (lens_l, table_l) in enumerate(zip(lens.split(per_layer), table.split(per_layer)))], spans)
+
+    def _unscored(self, scored: list, counts: torch.Tensor, total: int) -> torch.Tensor | None:
+        """[L, H, R] bool: the (layer, head, request) sequences vLLM's kernel attends, i.e. all
+        but the scored decode lists; None when no list is scored (every sequence)."""
+        listed = [(layer, lists) for layer, lists in enumerate(scored) if lists is not None]
+        if not listed:
+            return None
+        layers, heads = self.cache.shape[1], self.cache.shape[2]
+        device = counts.device
+        num_reqs = counts.numel()
+        token_req = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts, output_size=total)
+        token = torch.cat([lists[0] for _, lists in listed])
+        head = torch.cat([lists[2] for _, lists in listed])
+        layer = torch.repeat_interleave(torch.tensor([layer for layer, _ in listed], device=device),
+                                        torch.tensor([lists[0].numel() for _, lists in listed], device=device))
+        keep = torch.ones(layers, heads, num_reqs, dtype=torch.bool, device=device)
+        keep[layer, head, token_req[token]] = False
+        return keep
+
+    @staticmethod
+    def _layer_starts(kept: torch.Tensor, seq_tokens: torch.Tensor, per_layer: list[int]) -> tuple:
+        """Per layer, ``_starts`` of its kept sequences, from one cumsum over all layers.
+
+        kept [L, H * R] bool, seq_tokens [H * R]; -> L int32 tensors [kept_l + 1] (views of one
+        buffer): each layer's segment is a 0, then the running ends of its kept sequences.
+        """
+        layers = kept.shape[0]
+        ends = torch.cumsum(seq_tokens * kept, dim=1)[kept]  # [sum kept_l], layer-major
+        counts = torch.tensor(per_layer, device=kept.device)
+        slot = torch.arange(ends.numel(), device=kept.device) + torch.repeat_interleave(
+            torch.arange(1, layers + 1, device=kept.device), counts, output_size=ends.numel())
+        starts = torch.zeros(ends.numel() + layers, dtype=torch.int32, device=kept.device)
+        starts[slot] = ends.to(torch.int32)
+        return starts.split([n + 1 for n in per_layer])
 
     def _span_lists(self, meta: StepMetadata):
         """``NativePlan.span_lists`` of the step (None: no span, or no C++ kernels)."""
