@@ -18,7 +18,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-PYTEST_FLAGS ?= -q -ra
+PYTEST_FLAGS ?= -q -ra --durations=40
 FAST_MARKERS := not engine and not download and not second_model
 # test-fast runs its files on every core (pytest-xdist), one file per worker at a time
 # so module fixtures are built once; PYTEST_ARGS="-n 0" runs it in one process.
