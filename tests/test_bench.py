@@ -260,7 +260,7 @@ def test_bench_suite_quick_run(smollm2_dir, tmp_path):
 
     out = tmp_path / "suite.json"
     rc = bench.main(["--suite", "--quick", "-n", "3", "--outputs", "short", "--curve-points", "1",
-                     "--configs", "vanilla,fastgen", "--model", str(smollm2_dir), "--out", str(out),
+                     "--configs", "vanilla,fastgen", "--model", str(smollm2_dir), "--out", str(out), "--dtype", "float32",
                      "--log-dir", str(tmp_path / "logs"), "--start-timeout", "900"])
     assert rc == 0
     doc = json.loads(out.read_text())
