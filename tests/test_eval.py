@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_adaptive_kv.apps.eval import QUICK_TASKS, SCHEMA_VERSION, matched_budget
+from vllm_adaptive_kv.apps.eval import (MATCH_TOLERANCE, QUICK_TASKS, SCHEMA_VERSION, corrected_budget,
+                                        matched_budget)
 from vllm_adaptive_kv.core.policies import FASTGEN_LADDER
 
 # Timeout: the quick run takes 1-2.7 min here; sized for a machine ~10x slower.
@@ -115,7 +116,16 @@ def test_fastgen_decides_every_head_and_baseline_matches_its_memory(quick_run):
         assert task["kept_fraction"] < 1.0, name  # FastGen evicted something
     assert h2o["matched_to"] == fastgen["label"]
     for name in QUICK_TASKS:
-        assert h2o["params"][name]["budget_ratio"] == matched_budget(fastgen["tasks"][name]["kept_fraction"])
+        target = fastgen["tasks"][name]["kept_fraction"]
+        first = h2o["tasks"][name].get("first_try")
+        if first is None:  # the first run landed within the tolerance
+            assert h2o["params"][name]["budget_ratio"] == matched_budget(target)
+            assert abs(h2o["tasks"][name]["kept_fraction"] - target) <= MATCH_TOLERANCE
+        else:  # one corrected run, from the first run's miss
+            assert first["budget_ratio"] == matched_budget(target)
+            assert abs(first["kept_fraction"] - target) > MATCH_TOLERANCE
+            assert h2o["params"][name]["budget_ratio"] == corrected_budget(first["budget_ratio"], target,
+                                                                          first["kept_fraction"])
 
 
 def test_policy_maps_cover_every_layer_and_kv_head(quick_run):

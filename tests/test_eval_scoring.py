@@ -69,6 +69,14 @@ def test_matched_budget_is_the_kept_fraction_rounded_and_in_range():
         ev.matched_budget(-0.1)
 
 
+def test_corrected_budget_shifts_by_the_miss_and_stays_in_range():
+    # a baseline at budget 0.69 that ended at 0.74 (its unevicted generated tail) for 0.69
+    assert ev.corrected_budget(0.69, 0.69, 0.74) == pytest.approx(0.64)
+    assert ev.corrected_budget(0.60, 0.62, 0.58) == pytest.approx(0.64)  # undershoot: more budget
+    assert ev.corrected_budget(0.05, 0.05, 0.30) == pytest.approx(0.0001)  # never 0 or below
+    assert ev.corrected_budget(0.98, 0.99, 0.90) == 1.0
+
+
 def test_matched_setting_names_its_fastgen_point_and_is_a_valid_request():
     from vllm_adaptive_kv.core.config import request_policy_settings
 

@@ -89,3 +89,21 @@ def test_read_scores_names_missing_or_incomplete_runs(tmp_path):
     with pytest.raises(RuntimeError, match="lack the reference distribution"):
         read_scores(tmp_path, "z", 1)
     assert summarize([])["nll"] is None and not math.isnan(summarize([read_scores(tmp_path, "y", 1)])["kl"])
+
+
+def test_a_partial_prefill_chunk_at_step_0_is_overwritten_by_the_real_step(tmp_path):
+    """vLLM runs logits processors on a long prompt's partial prefill chunk too, and throws
+    away what it samples: both modes see step 0 twice, and only the second call is real."""
+    gen = torch.Generator().manual_seed(2)
+    chunk, real = torch.randn(VOCAB, generator=gen), torch.randn(3, VOCAB, generator=gen)
+    record = processor_for(record_args(tmp_path, "ref-2"))
+    record([], chunk.clone())  # the discarded partial-chunk call
+    for i in range(3):
+        record(list(range(i)), real[i].clone())
+    tokens = [int(t) for t in real.argmax(-1)]
+    force = processor_for(force_args(tmp_path, "twice", "ref-2", tokens))
+    force([], chunk.clone())  # the compressed run's own partial chunk
+    for i in range(3):
+        force(tokens[:i], real[i].clone())
+    scores = read_scores(tmp_path, "twice", 3)
+    assert max(abs(k) for k in scores.kl) < 1e-3 and all(scores.top1)  # P and Q aligned step by step

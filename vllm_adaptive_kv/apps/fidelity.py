@@ -47,16 +47,41 @@ def force_args(directory: str | Path, key: str, reference: str, tokens: list[int
                            "tokens": [int(t) for t in tokens]}}
 
 
+def _steps_path(ref_path: Path) -> Path:
+    return ref_path.with_name(ref_path.name + ".steps")
+
+
 class _Record:
+    """Appends each call's log-distribution to ``<key>.ref`` and its step to ``<key>.ref.steps``.
+
+    The step is recorded because vLLM also runs logits processors on a prompt's partial
+    prefill chunks and discards what they sample: a long prompt split over two steps
+    gives two calls at step 0, and only the last one is the real distribution.
+    """
+
     def __init__(self, path: Path) -> None:
         self.path = path
         path.unlink(missing_ok=True)
+        _steps_path(path).unlink(missing_ok=True)
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(logits.to(torch.float32), dim=-1).clamp_min(-60000.0)
         with open(self.path, "ab") as f:
             f.write(logp.to(torch.float16).cpu().numpy().tobytes())
+        with open(_steps_path(self.path), "a") as f:
+            f.write(f"{len(output_ids)}\n")
         return logits
+
+
+def load_reference(ref_path: Path, vocab: int) -> dict[int, torch.Tensor]:
+    """step -> the recorded ``log P`` row ``[vocab]``; a step recorded twice keeps its last row."""
+    import numpy as np
+
+    rows = torch.from_numpy(np.fromfile(ref_path, dtype=np.float16).astype(np.float32)).view(-1, vocab)
+    steps = [int(line) for line in _steps_path(ref_path).read_text().split()]
+    if len(steps) != rows.shape[0]:
+        raise RuntimeError(f"{ref_path}: {rows.shape[0]} rows but {len(steps)} recorded steps")
+    return {step: rows[i] for i, step in enumerate(steps)}
 
 
 class _Force:
@@ -66,21 +91,19 @@ class _Force:
         self.ref_path = directory / f"{spec['reference']}.ref"
         self.out = directory / f"{spec['key']}.scores"
         self.out.unlink(missing_ok=True)
-        self.ref: torch.Tensor | None = None
+        self.ref: dict[int, torch.Tensor] | None = None
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        # A partial prefill chunk also calls this at step 0; read_scores keeps a step's last row.
         step = len(output_ids)
         if step >= len(self.tokens):
             return logits
         if self.ref is None:
-            import numpy as np
-
-            data = np.fromfile(self.ref_path, dtype=np.float16)
-            self.ref = torch.from_numpy(data.astype(np.float32)).view(-1, logits.numel())
+            self.ref = load_reference(self.ref_path, logits.numel())
         target = self.tokens[step]
         logq = torch.log_softmax(logits.to(torch.float32), dim=-1)
-        kl = float("nan")  # read_scores refuses it: the reference is shorter than the forced tokens
-        if step < self.ref.shape[0]:
+        kl = float("nan")  # read_scores refuses it: the reference lacks this step
+        if step in self.ref:
             logp = self.ref[step].to(logq.device)
             kl = float((logp.exp() * (logp - logq)).sum())
         with open(self.out, "a") as f:
@@ -129,7 +152,7 @@ def read_scores(directory: str | Path, key: str, steps: int) -> ForcedScores:
         raise RuntimeError(f"no forced scores for {key!r} at {path}: was TeacherForcing given to the engine's "
                            "logits_processors?") from None
     rows = {}
-    for line in lines:
+    for line in lines:  # a step written twice (a partial prefill chunk, then the real step): the last counts
         step, nll, kl, top1 = line.split()
         rows[int(step)] = (float(nll), float(kl), top1 == "1")
     if sorted(rows) != list(range(steps)):
