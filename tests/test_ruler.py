@@ -3,6 +3,7 @@ from the prompt, and scored the way RULER scores."""
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 
@@ -105,3 +106,17 @@ def test_string_match_scores_are_rulers():
 def test_bad_arguments_are_named(task, target, message):
     with pytest.raises(ValueError, match=message):
         ruler_prompt(task, target, 0, words, PARAGRAPHS)
+
+
+def test_qa_draws_another_haystack_when_one_has_no_cloze():
+    """A haystack whose every candidate word repeats elsewhere cannot be asked about; the
+    generator draws another start instead of failing (it did, at ~500 tokens, seed 10007)."""
+    from vllm_adaptive_kv.apps import ruler
+
+    repetitive = "the module returns values for objects and functions in python code here. " * 3
+    paragraphs = [repetitive] * 5 + ["Reading configuration files requires careful validation of every "
+                                     "recognised keyword before processing continues."]
+    context, query, answers, info = ruler._qa(random.Random(0), 1, paragraphs, "qa")
+    assert info["documents"] == 1 and answers[0] in paragraphs[-1] and "____" in query
+    with pytest.raises(ValueError, match="out of 64 draws"):
+        ruler._qa(random.Random(0), 1, [repetitive], "qa")

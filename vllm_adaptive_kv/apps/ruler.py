@@ -260,10 +260,27 @@ def _fwe(rng: random.Random, units: int, paragraphs: list[str], task: str):
     return " ".join(vocab[r] for r in draws), "", answers, {"counts": [counts[r] for r in ranked[:3]]}
 
 
+QA_ATTEMPTS = 64  # haystacks tried (each from another paragraph) before giving up
+
+
 def _qa(rng: random.Random, units: int, paragraphs: list[str], task: str):
-    """``units`` documents (consecutive documentation paragraphs); a cloze about one of them."""
-    start = rng.randrange(len(paragraphs))
-    docs = [paragraphs[(start + i) % len(paragraphs)] for i in range(max(1, units))]
+    """``units`` documents (consecutive documentation paragraphs); a cloze about one of them.
+
+    A haystack with no sentence whose word occurs nowhere else in it cannot carry a cloze
+    with one answer: the next draw starts from another paragraph (the first draw, which
+    usually succeeds, consumes the generator as it always did).
+    """
+    for _ in range(QA_ATTEMPTS):
+        start = rng.randrange(len(paragraphs))
+        docs = [paragraphs[(start + i) % len(paragraphs)] for i in range(max(1, units))]
+        found = _cloze(rng, docs)
+        if found is not None:
+            return found
+    raise ValueError(f"no haystack of {units} documents out of {QA_ATTEMPTS} draws has a sentence with a word "
+                     "found nowhere else")
+
+
+def _cloze(rng: random.Random, docs: list[str]):
     others = " ".join(docs).lower()
     order = list(range(len(docs)))
     rng.shuffle(order)
@@ -278,7 +295,7 @@ def _qa(rng: random.Random, units: int, paragraphs: list[str], task: str):
                 query = f'Which word is missing in this sentence from the documents: "{cloze}."?'
                 context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
                 return context, query, [word], {"gold_document": gold + 1, "documents": len(docs)}
-    raise ValueError("no document of this haystack has a sentence with a word found nowhere else")
+    return None
 
 
 GENERATORS: dict[str, Callable] = {
