@@ -527,3 +527,38 @@ def test_kvpress_driver_and_setup_script_help_run_without_kvpress():
     proc = subprocess.run(["bash", str(script), "--check"], capture_output=True, text=True, timeout=60,
                           env={"KVPRESS_VENV": "/nonexistent/venv", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1 and "not set up" in proc.stderr
+
+
+# --- the default variant's rule --------------------------------------------------------------
+
+def _row(label, policy, passkey, needle, chat_kept, kls):
+    chat = {"quality": 50.0, "kept_fraction": chat_kept, "kl": sum(kls) / len(kls),
+            "prompts": [{"kl": k} for k in kls]}
+    return {"label": label, "kv_policy": policy, "matched_to": None,
+            "tasks": {"passkey": {"quality": passkey}, "needle": {"quality": needle}, "chat": chat}}
+
+
+def test_variant_rule_takes_the_lowest_kl_among_eligible_only_when_clearly_lower():
+    full = _row("full", "full", 100.0, 75.0, 1.0, [0.0] * 4)
+    paper = _row("fastgen-paper T=0.95", "fastgen-paper", 100.0, 75.0, 0.70, [0.10, 0.20, 0.10, 0.20])
+    better = _row("fastgen[recent_window=32] T=0.95", "fastgen", 100.0, 74.0, 0.70, [0.05, 0.10, 0.06, 0.11])
+    too_big = _row("fastgen[recent_window=128] T=0.95", "fastgen", 100.0, 75.0, 0.80, [0.0] * 4)
+    forgets = _row("fastgen[local_ratio=0.5] T=0.95", "fastgen", 87.5, 75.0, 0.60, [0.0] * 4)
+    choice = ev.variant_choice([full, paper, better, too_big, forgets])
+    assert choice["eligible"] == [better["label"], paper["label"]]  # sorted by KL; the others break a bar
+    assert choice["chosen"] == better["label"] and choice["kl_gain_over_paper"] == pytest.approx(0.07)
+    noisy = _row("fastgen[recent_window=16] T=0.95", "fastgen", 100.0, 75.0, 0.70, [0.0, 0.30, 0.0, 0.22])
+    choice = ev.variant_choice([full, paper, noisy])  # lower on average, but within the prompts' spread
+    assert choice["best"] == noisy["label"] and choice["chosen"] == paper["label"]
+    assert ev.variant_choice([full, better]) is None  # no paper row: nothing to compare with
+    assert ev.variant_choice([full, too_big, forgets, paper | {"tasks": forgets["tasks"]}])["chosen"] is None
+
+
+def test_variant_rule_breaks_a_tie_by_fewer_hyperparameters():
+    full = _row("full", "full", 100.0, 75.0, 1.0, [0.0] * 3)
+    paper = _row("fastgen-paper T=0.95", "fastgen-paper", 100.0, 75.0, 0.70, [0.2] * 3)
+    both = _row("fastgen[recent_window=32,decode_protect=128] T=0.95", "fastgen", 100.0, 75.0, 0.70, [0.1] * 3)
+    window = _row("fastgen[recent_window=32] T=0.95", "fastgen", 100.0, 75.0, 0.70, [0.1] * 3)
+    both["params"] = {"recent_window": 32, "decode_protect": 128, "recovery_ratio": 0.95}
+    window["params"] = {"recent_window": 32, "recovery_ratio": 0.95}
+    assert ev.variant_choice([full, paper, both, window])["chosen"] == window["label"]
