@@ -70,7 +70,7 @@ def test_component_policies_match_their_definitions(seed):
 
 def test_fastgen_ladder_is_nested_and_choice_selects_a_rung():
     view = random_view(7, heads=6)
-    policy = FastGen(recovery_ratio=0.9)
+    policy = FastGen(recovery_ratio=0.9, recent_window=0)  # the paper's rungs: unions of the components
     rungs = policy.candidate_masks(view)
     assert rungs.shape[0] == len(FASTGEN_LADDER)
     for c in range(1, rungs.shape[0]):
@@ -190,19 +190,19 @@ def test_recent_window_is_kept_on_every_rung_and_counted(rung):
 def test_decode_protect_keeps_only_young_generated_tokens():
     view = decode_view(prompt_len=95, seq_len=100)
     rung = torch.full((3,), FASTGEN_LADDER.index("special+punct+frequent"))
-    keep = FastGen(decode_protect=16).keep_mask(view, rung)
+    keep = FastGen(recent_window=0, decode_protect=16).keep_mask(view, rung)
     paper = FastGenPaper().keep_mask(view, rung)
     # generated: 95..99 (all within 16 of the end) are protected; prompt tokens 84..94 are not
     assert bool(keep[:, 95:].all())
     assert torch.equal(keep[:, :95], paper[:, :95])
     # a generated token older than decode_protect competes on its score again
     old = decode_view(prompt_len=40, seq_len=100)
-    keep = FastGen(decode_protect=16).keep_mask(old, rung)
+    keep = FastGen(recent_window=0, decode_protect=16).keep_mask(old, rung)
     assert bool(keep[:, 84:].all())
     assert torch.equal(keep[:, :84], FastGenPaper().keep_mask(old, rung)[:, :84])
     # at the prompt's end (prompt_len = seq_len, or unknown) nothing is generated yet
     prompt_end = decode_view(prompt_len=100, seq_len=100)
-    assert torch.equal(FastGen(decode_protect=16).keep_mask(prompt_end, rung), FastGenPaper().keep_mask(prompt_end, rung))
+    assert torch.equal(FastGen(recent_window=0, decode_protect=16).keep_mask(prompt_end, rung), FastGenPaper().keep_mask(prompt_end, rung))
     no_prompt_len = SlotView(prompt_end.flags, prompt_end.positions, prompt_end.scores, prompt_end.lengths,
                              prompt_end.seq_len)
     assert not bool(no_prompt_len.generated.any())
@@ -233,6 +233,12 @@ def test_young_tokens_follow_positions_on_compacted_lists():
 def test_bad_variant_values_are_named(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_policy(name, **kwargs)
+
+
+def test_fastgen_defaults_to_a_32_token_recent_window_and_the_paper_to_none():
+    """The default chosen by docs/results.md's rule (issue 15); the paper's policy keeps none."""
+    assert (FastGen().recent_window, FastGen().decode_protect) == (32, 0)
+    assert (FastGenPaper().recent_window, FastGenPaper().decode_protect) == (0, 0)
 
 
 def test_fastgen_paper_is_fastgen_without_young_tokens():

@@ -11,9 +11,9 @@ recovery_ratio      fastgen: attention mass T a head's policy  0.95
                     must recover
 local_ratio         fastgen: local window, fraction of length  0.3
 frequent_ratio      fastgen: frequent tokens, fraction         0.3
-recent_window       fastgen: last tokens every compressed rung see policies.py
+recent_window       fastgen: last tokens every compressed rung 32
                     keeps (not in the paper; 0 = off)
-decode_protect      fastgen: generated tokens kept until this  see policies.py
+decode_protect      fastgen: generated tokens kept until this  0
                     many later tokens exist (0 = off)
 budget_ratio        baselines: KV kept, fraction of length     0.5
 sink_tokens         streamingllm: attention sinks kept         4
