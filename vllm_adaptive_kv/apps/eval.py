@@ -936,7 +936,7 @@ def write_markdown(results: dict, path: Path) -> None:
                      f"lowest KL {variant['best'] or '-'} (KL lower than the paper's by "
                      f"{variant['kl_gain_over_paper']:.4f} +- {variant['kl_gain_stderr']:.4f}); "
                      f"chosen: {variant['chosen'] or 'none qualifies'}")
-    path.write_text("\n".join(parts))
+    path.write_text("\n".join(parts) + "\n")
 
 
 def plot_quality(results: dict, task: str, path: Path) -> None:
@@ -1428,6 +1428,8 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"{row['label']:<34} {100 * row['mean_kept_fraction']:7.1f}% {row['mean_quality']:8.1f}")
     for choice in results["choices"]:
         lines.append(f"rule: {choice['rule']} -> {choice['chosen'] or 'none qualifies'}")
+    if results.get("variant_choice"):
+        lines.append(f"variant rule -> {results['variant_choice']['chosen'] or 'none qualifies'}")
     lines.append(f"took {results['seconds']:.0f} s")
     return lines
 
