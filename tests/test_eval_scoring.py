@@ -562,3 +562,30 @@ def test_variant_rule_breaks_a_tie_by_fewer_hyperparameters():
     both["params"] = {"recent_window": 32, "decode_protect": 128, "recovery_ratio": 0.95}
     window["params"] = {"recent_window": 32, "recovery_ratio": 0.95}
     assert ev.variant_choice([full, paper, both, window])["chosen"] == window["label"]
+
+
+def test_kvpress_driver_runs_a_prompt_its_press_refuses_uncompressed(monkeypatch):
+    """kvpress's SnapKV asserts the prompt is longer than its window: such a prompt runs
+    without the press, with ratio 0 (its memory counted as kept) and the error recorded,
+    instead of failing every other prompt of the run."""
+    import contextlib
+    import runpy
+
+    from vllm_adaptive_kv.model import model_dir
+
+    folder = model_dir("smollm2")  # the embedded model, prepared by `make setup`
+    driver = runpy.run_path(str(ev.REPO / "vllm_adaptive_kv" / "apps" / "kvpress_driver.py"))
+
+    @contextlib.contextmanager
+    def refusing(model):
+        raise AssertionError("Query length 41 should be greater than the window size 64")
+        yield
+
+    monkeypatch.setitem(driver["run"].__globals__, "make_press", lambda name, ratio: refusing)
+    out = driver["run"]({"model": str(folder), "threads": 1, "presses": ["snapkv"], "prompts": [
+        {"id": "chat/0", "text": "a short question", "max_tokens": 3, "fidelity": False,
+         "compression": {"snapkv": 0.4}}]})
+    none, snap = out["results"]
+    assert snap["press"] == "snapkv" and snap["compression_ratio"] == 0.0 and snap["kept_after_prefill"] == 1.0
+    assert "window size 64" in snap["press_error"] and "press_error" not in none
+    assert snap["output_ids"] == none["output_ids"]  # uncompressed: the reference's own tokens

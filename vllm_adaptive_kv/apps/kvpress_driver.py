@@ -22,7 +22,8 @@ per-token NLL, KL(reference || press) over the whole vocabulary, top-1 agreement
 
 OUT.json: ``{"versions": {...}, "results": [{"id", "press", "compression_ratio",
 "output_ids", "text", "prompt_tokens", "kept_after_prefill", "seconds", and with
-fidelity "nll", "kl", "forced_agreement", "forced_tokens"}]}``. ``kept_after_prefill``
+fidelity "nll", "kl", "forced_agreement", "forced_tokens"; "press_error" when the press
+refused the prompt (e.g. shorter than SnapKV's window): it then ran uncompressed, ratio 0}]}``. ``kept_after_prefill``
 is the fraction of prompt KV slots physically left in the cache (summed over layers
 and KV heads); head-wise presses (AdaKV, and KVzip in kvpress 0.5.5) mask keys instead
 of dropping them, so theirs stays 1.0 while the nominal fraction is ``1 - compression_ratio``.
@@ -142,7 +143,16 @@ def run(jobs: dict) -> dict:
             ratio = 0.0 if name == "none" else float(prompt["compression"][name])
             press = None if name == "none" or ratio <= 0 else make_press(name, ratio)
             start = time.perf_counter()
-            cache, held = prefill(model, ids, press)
+            press_error = None
+            try:
+                cache, held = prefill(model, ids, press)
+            except (AssertionError, ValueError, RuntimeError) as err:
+                if press is None:
+                    raise
+                # e.g. SnapKV on a prompt shorter than its window: kvpress cannot compress this
+                # prompt, so it runs uncompressed and its memory is counted as such (ratio 0)
+                press_error, ratio = f"{type(err).__name__}: {err}", 0.0
+                cache, held = prefill(model, ids, None)
             full_slots = held if name == "none" else full_slots
             if prompt.get("fidelity") and name != "none":
                 snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
@@ -150,6 +160,8 @@ def run(jobs: dict) -> dict:
             row = {"id": prompt["id"], "press": name, "compression_ratio": ratio, "output_ids": output,
                    "text": tokenizer.decode(output, skip_special_tokens=True), "prompt_tokens": int(ids.shape[1]),
                    "kept_after_prefill": held / full_slots if full_slots else 1.0}
+            if press_error:
+                row["press_error"] = press_error
             if prompt.get("fidelity"):
                 if name == "none":
                     reference, ref_logps = output, logps
