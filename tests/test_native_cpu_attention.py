@@ -87,7 +87,7 @@ def check_native_matches_torch_path(heads, group, dtype, tol, policy, settings, 
     gen = torch.Generator().manual_seed(heads * 10 + group)
     torch_rt = make_runtime(False, heads, group, dtype, policy, **settings)
     native_rt = make_runtime(True, heads, group, dtype, policy, fused=fused, **settings)
-    fused_layers = fused_spans = 0
+    fused_layers = fused_spans = mixed_fused = 0
     for rt in (torch_rt, native_rt):
         rt.add("a", prompt_len=150)
         rt.add("b", prompt_len=70)
@@ -100,6 +100,9 @@ def check_native_matches_torch_path(heads, group, dtype, tol, policy, settings, 
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
         assert got_report.requests == want_report.requests
         fused_layers += sum(layer.scored is not None for layer in native_rt.last_plan.layers)
+        if sum(counts) > len(counts):  # prefill tokens: vLLM's kernel attends every sequence
+            assert all(layer.query_rows is None for layer in native_rt.last_plan.layers)
+            mixed_fused += sum(layer.scored is not None for layer in native_rt.last_plan.layers)
         fused_spans += native_rt.last_plan.span_lists is not None
     for req in ("a", "b"):
         assert kept_positions(native_rt, req) == kept_positions(torch_rt, req)
@@ -107,6 +110,8 @@ def check_native_matches_torch_path(heads, group, dtype, tol, policy, settings, 
     # their prompt windows, whenever they are built
     fused = native_rt.attention.fused_scores and policy != "full"
     assert (fused_layers > 0) == fused and (fused_spans > 0) == fused
+    # b decodes beside a's last chunk: its scored lists are attended twice there, ours last
+    assert (mixed_fused > 0) == fused
     if policy != "full":
         held = native_rt.cache.lens[native_rt.rows["a"]].sum()
         assert held < (150 + BS + 3) * L * heads  # something was really evicted

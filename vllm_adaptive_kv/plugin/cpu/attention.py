@@ -81,7 +81,8 @@ class NativeLayer:
     """One layer's share of the step: what vLLM's kernel attends, what ours attends and scores.
 
     The vLLM kernel gets the ``Ns`` (kv head, request) sequences of the layer that do
-    not score at decode, in head-major order::
+    not score at decode (every sequence in a step that holds prefill tokens), in
+    head-major order::
 
         query_rows [Nq] int64   head-major rows (``h * T + t``, the rows of
                                 ``q.view(T, H, G, D).transpose(0, 1)``) of its sequences, in
@@ -92,7 +93,7 @@ class NativeLayer:
 
     ``scored`` = (token, row, head) int64 [N]: the decode lists whose slot scores grow this
     step; ``scored_decode_attention`` (C++) attends them and adds their scores in the same
-    pass. None when no list of the layer scores at decode, or when the C++ kernels are not
+    pass, writing their output rows last. None when no list of the layer scores at decode, or when the C++ kernels are not
     built (then vLLM's kernel attends every list and ``score_lists`` scores in torch).
     """
 
@@ -184,14 +185,19 @@ class NativeCpuAttention(AttentionPath):
         device = self.cache.device
         counts = torch.tensor(requests.num_tokens, dtype=torch.int64, device=device)  # [R]
         scored = self._scored_lists(meta)
-        keep = self._unscored(scored, counts, total)  # [L, H, R] bool (None: every sequence)
+        # A step holding prefill tokens gives vLLM's kernel every sequence: the scored
+        # decode lists' rows (one query each) are attended twice, the second time by our
+        # kernel, whose output overwrites the first; cheaper than copying the chunks'
+        # query rows out and back around the kernel on every layer.
+        prefill_step = total > num_reqs
+        keep = None if prefill_step else self._unscored(scored, counts, total)  # [L, H, R] (None: all)
         lens, table, per_layer = self._gather_lists(requests.rows_t, keep, max(requests.width, 1))
         seq_tokens = counts.repeat(heads)  # [H * R], sequence s = h * R + i
         spans = self._span_lists(meta)
         if keep is None:
             seq_start = self._starts(seq_tokens)
-            return NativePlan([NativeLayer(None, seq_start, lens_l, table_l, None)
-                               for lens_l, table_l in zip(lens.split(per_layer), table.split(per_layer))], spans)
+            return NativePlan([NativeLayer(None, seq_start, lens_l, table_l, scored_l) for lens_l, table_l, scored_l
+                               in zip(lens.split(per_layer), table.split(per_layer), scored)], spans)
         # head-major rows h * T + t of the kept sequences: (h, i, token of i) order is (h, t) order
         kept_rows = keep.reshape(layers, -1).repeat_interleave(seq_tokens, dim=1)  # [L, H * T]
         rows_per_layer = kept_rows.sum(1).tolist()
