@@ -121,6 +121,22 @@ def test_top_k_breaks_ties_by_lower_index():
     assert keep.tolist() == [[True, True, False, False, False, False]]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_matches_a_stable_sort_with_ties(seed):
+    # the CPU's topk-and-tie-rank rule against the rule it replaces: a stable descending
+    # sort's first k eligible slots; few distinct scores force ties at the k-th value
+    gen = torch.Generator().manual_seed(seed)
+    heads, width = 40, 1 + seed * 97
+    scores = torch.randint(0, 4 + seed, (heads, width), generator=gen).to(torch.bfloat16)
+    eligible = torch.rand(heads, width, generator=gen) < 0.8
+    k = torch.randint(-3, width + 5, (heads,), generator=gen)
+    k[:3] = torch.tensor([0, width, width + 2])
+    masked = scores.float().masked_fill(~eligible, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(width).expand_as(order))
+    assert torch.equal(top_k_mask(scores, k, eligible), eligible & (rank < k[:, None]))
+
+
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [

@@ -271,7 +271,11 @@ class PagedHeadCache:
         keep = keep & (idx < lens[..., None])
         new_index = torch.cumsum(keep.to(torch.int64), -1) - 1
         moved = (keep & (new_index != idx)).reshape(-1, n)  # [M, N]
-        order = torch.sort((~moved).to(torch.int8), dim=1, stable=True).indices  # moved first, ascending
+        # moved slots first, ascending: each one's rank among the moved is its column
+        # (a scatter, not a sort; unmoved slots all go to a spare column n, dropped)
+        rank = torch.where(moved, torch.cumsum(moved, -1) - 1, n)
+        order = torch.zeros(moved.shape[0], n + 1, dtype=torch.int64, device=self.device)
+        order = order.scatter_(1, rank, idx.expand_as(rank))[:, :n]
         src_logical = order
         dst_logical = new_index.reshape(-1, n).gather(1, order).clamp_min(0)
         tables = self.table[rows].reshape(-1, self.width).to(torch.int64)  # [M, W]

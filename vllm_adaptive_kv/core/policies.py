@@ -104,14 +104,43 @@ def ratio_budget(ratio: float, seq_len: torch.Tensor) -> torch.Tensor:
 def top_k_mask(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """Keep the ``k[h]`` highest-scoring eligible slots of each row.
 
-    Ties go to the lower slot index (stable sort), so results are deterministic.
-    scores [H, N], k [H], eligible [H, N] bool -> [H, N] bool.
+    Ties go to the lower slot index (a stable descending sort's order), so results are
+    deterministic. scores [H, N], k [H], eligible [H, N] bool -> [H, N] bool.
+
+    On the CPU a full sort of every row was most of the prompt-end eviction's time, so
+    there the k-th value comes from ``topk`` and its ties are ranked by a running count
+    (same result); elsewhere the sort stays, since ``topk`` needs ``k.max()`` on the host.
     """
     masked = scores.to(torch.float32).masked_fill(~eligible, float("-inf"))
+    if masked.device.type == "cpu" and masked.shape[1] > 0:
+        return eligible & _top_k_by_threshold(masked, k)
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return eligible & (rank < k[:, None])
+
+
+def _top_k_by_threshold(masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[H, N] bool: the slots a stable descending sort of ``masked`` ranks below ``k[h]``.
+
+    With kth[h] the k-th largest value: every slot above it, then the slots equal to it
+    in slot order until k is reached::
+
+        masked 5 3 7 3 3 1, k = 3  ->  kth = 3, above = {7, 5}, ties 3 3 3 take 1 more
+        keep   1 1 1 0 0 0
+    """
+    width = masked.shape[1]
+    k = k.to(torch.int64).clamp(0, width)
+    k_max = int(k.max())
+    if k_max == 0:
+        return torch.zeros_like(masked, dtype=torch.bool)
+    top = masked.topk(k_max, dim=1).values  # [H, k_max], descending
+    kth = top.gather(1, (k - 1).clamp(min=0)[:, None])  # [H, 1]
+    above = masked > kth
+    ties = masked == kth
+    wanted = (k - above.sum(1))[:, None]  # ties to take, lowest slots first
+    keep = above | (ties & (ties.cumsum(1) <= wanted))
+    return keep & (k > 0)[:, None]
 
 
 def recent_mask(positions: torch.Tensor, seq_len: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
