@@ -80,7 +80,7 @@ def test_read_policy_file_returns_the_raw_mapping(tmp_path):
 
 
 FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 0.2, "frequent_ratio": 0.3,
-                  "recent_window": 8, "decode_protect": 0, "observation_window": 32}
+                  "recent_window": 8, "decode_protect": 0, "pool_kernel": 1, "observation_window": 32}
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 
         ({"recent_window": 32, "decode_protect": 16}, {**FASTGEN_SERVER, "recent_window": 32, "decode_protect": 16}),
         ({"kv_policy": "fastgen-paper"}, {"kv_policy": "fastgen-paper", "recovery_ratio": 0.95, "local_ratio": 0.3,
                                           "frequent_ratio": 0.3, "recent_window": 0, "decode_protect": 0,
-                                          "observation_window": 32}),
+                                          "pool_kernel": 1, "observation_window": 32}),
         # another policy starts from its own defaults; only observation_window carries over
         ({"kv_policy": "h2o"}, {"kv_policy": "h2o", "budget_ratio": 0.5, "recent_fraction": 0.5,
                                 "observation_window": 32}),

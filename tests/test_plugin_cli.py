@@ -194,7 +194,7 @@ def test_policy_switches_on_the_plugin(hooks, smollm2_dir):
 
     expected = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 0.3, "frequent_ratio": 0.3,
                 "recent_window": FastGen.recent_window, "decode_protect": FastGen.decode_protect,
-                "observation_window": 64}
+                "pool_kernel": FastGen.pool_kernel, "observation_window": 64}
     assert config.additional_config == {"other_plugin": [1, 2], **expected}
     assert hooks.policy_settings_of(config) == expected
     assert config.parallel_config.worker_cls == hooks.WORKERS["cpu"]

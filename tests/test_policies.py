@@ -146,6 +146,8 @@ def test_top_k_matches_a_stable_sort_with_ties(seed):
         ("fastgen", {"frequent_ratio": "high"}, "frequent_ratio='high'"),
         ("h2o", {"budget_ratio": 2}, "budget_ratio=2"),
         ("snapkv", {"pool_kernel": 4}, "pool_kernel=4 .*odd"),
+        ("fastgen", {"pool_kernel": 0}, "pool_kernel=0 .*odd"),
+        ("fastgen-paper", {"pool_kernel": 3}, "pool_kernel=3 is invalid for kv_policy='fastgen-paper'"),
         ("streamingllm", {"sink_tokens": -1}, "sink_tokens=-1"),
         ("fastgen", {"budget": 0.5}, "unknown hyperparameter.*budget.*allowed keys are recovery_ratio"),
         ("magic", {}, "kv_policy='magic' is unknown: allowed values are full, fastgen"),

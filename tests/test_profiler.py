@@ -45,7 +45,9 @@ def brute_rung_keep(rung: str, i: int, scores_upto_i: list[float], flags: torch.
         keep |= {j for j in keys if flags[j] & FLAG_PUNCT}
     if "frequent" in rung:
         k = math.ceil(policy.frequent_ratio * length - 1e-9)
-        keep |= set(sorted(keys, key=lambda j: (-scores_upto_i[j], j))[:k])
+        r = policy.pool_kernel // 2  # ranked by the largest score within r slots
+        pooled = [max(scores_upto_i[max(0, j - r): min(length, j + r + 1)]) for j in keys]
+        keep |= set(sorted(keys, key=lambda j: (-pooled[j], j))[:k])
     if "local" in rung:
         window = math.ceil(policy.local_ratio * length - 1e-9)
         keep |= {j for j in keys if j >= length - window}
@@ -90,24 +92,26 @@ def brute_choice(recovered: torch.Tensor, threshold: float) -> list[int]:
 # --- tests ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recent", [0, 3])
+@pytest.mark.parametrize("recent, pool", [(0, 1), (3, 1), (0, 3), (3, 5)])
 @pytest.mark.parametrize("seed, heads, group, n, threshold", [(0, 3, 3, 12, 0.6), (1, 2, 1, 17, 0.8), (2, 2, 4, 9, 0.5), (3, 4, 2, 14, 0.95)])
-def test_full_map_mode_matches_brute_force(seed, heads, group, n, threshold, recent):
+def test_full_map_mode_matches_brute_force(seed, heads, group, n, threshold, recent, pool):
     attn = random_maps(seed, heads, group, n)
     flags = random_flags(seed, n)
-    policy = FastGen(recovery_ratio=threshold, local_ratio=0.3, frequent_ratio=0.3, recent_window=recent)
+    policy = FastGen(recovery_ratio=threshold, local_ratio=0.3, frequent_ratio=0.3, recent_window=recent,
+                     pool_kernel=pool)
     profile = FastGenProfiler(policy).profile_full_map(attn, flags)
     want_recovered, want_choice = brute_full_map(attn, flags, policy)
     torch.testing.assert_close(profile.recovered.double(), want_recovered, atol=1e-5, rtol=0)
     assert profile.choice.tolist() == want_choice
 
 
-@pytest.mark.parametrize("recent", [0, 4])
+@pytest.mark.parametrize("recent, pool", [(0, 1), (4, 1), (0, 3), (4, 7)])
 @pytest.mark.parametrize("seed, heads, group, n, window, threshold", [(4, 3, 3, 20, 6, 0.7), (5, 2, 8, 16, 16, 0.9), (6, 3, 1, 25, 1, 0.5)])
-def test_window_mode_matches_brute_force(seed, heads, group, n, window, threshold, recent):
+def test_window_mode_matches_brute_force(seed, heads, group, n, window, threshold, recent, pool):
     attn = random_maps(seed, heads, group, n)
     flags = random_flags(seed, n)
-    policy = FastGen(recovery_ratio=threshold, recent_window=recent, decode_protect=8)  # nothing generated yet
+    policy = FastGen(recovery_ratio=threshold, recent_window=recent, decode_protect=8,  # nothing generated yet
+                     pool_kernel=pool)
     colsum, rows = window_statistics(attn, window)
     profile = FastGenProfiler(policy).profile_window(prompt_view(flags, colsum.float()), colsum, rows)
     want_recovered, want_choice = brute_window(attn, flags, policy, window)

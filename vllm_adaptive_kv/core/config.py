@@ -19,13 +19,16 @@ budget_ratio        baselines: KV kept, fraction of length     0.5
 sink_tokens         streamingllm: attention sinks kept         4
 recent_fraction     h2o: share of the budget for recent tokens 0.5
 window              snapkv: observation window kept            32
-pool_kernel         snapkv: max-pool width over scores (odd)   7
+pool_kernel         snapkv, fastgen: max-pool width over       7 (snapkv),
+                    scores before the top-k (odd; fastgen's    1 (fastgen)
+                    frequent rung, not in the paper)
 observation_window  profiling: last W prompt queries used      64
 =================== ========================================== ============
 
 A key that does not apply to the chosen policy is an error, so a typo never
 silently falls back to a default. ``fastgen-paper`` takes fastgen's keys, with
-``recent_window`` and ``decode_protect`` fixed at 0 (the paper's FastGen).
+``recent_window`` and ``decode_protect`` fixed at 0 and ``pool_kernel`` at 1 (the
+paper's FastGen).
 
 The same keys travel through vLLM's ``additional_config`` (server default, stored
 in ``KVPolicyConfig.to_dict()`` form) and ``SamplingParams.extra_args`` (per-request

@@ -157,6 +157,11 @@ def _check_tokens(name: str, value: int, limit: int) -> None:
         raise ValueError(f"{name}={value!r} is invalid: allowed values are integers from 0 to {limit} (tokens)")
 
 
+def _check_pool_kernel(value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % 2 == 0:
+        raise ValueError(f"pool_kernel={value!r} is invalid: allowed values are odd integers >= 1")
+
+
 def _check_ratio(name: str, value: float, *, allow_zero: bool = True) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     in_range = is_number and (value >= 0 if allow_zero else value > 0) and value <= 1
@@ -218,17 +223,27 @@ class Local:
 
 @dataclass(frozen=True)
 class Frequent:
-    """Keep the ``ratio * seq_len`` slots with the highest accumulated attention."""
+    """Keep the ``ratio * seq_len`` slots with the highest accumulated attention.
+
+    ``pool_kernel`` > 1 ranks slots by the largest score within ``pool_kernel // 2``
+    slots on each side (SnapKV's pooling), so the neighbours of a heavy token (the
+    other pieces of a number, a name) rank with it; 1 ranks each slot by its own score.
+    """
 
     ratio: float = 0.3
+    pool_kernel: int = 1
     name: ClassVar[str] = "frequent"
     needs_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_ratio("frequent_ratio", self.ratio)
+        _check_pool_kernel(self.pool_kernel)
 
     def keep_mask(self, view: SlotView) -> torch.Tensor:
-        return top_k_mask(view.scores, ratio_budget(self.ratio, view.seq_len), view.valid)
+        scores = view.scores
+        if self.pool_kernel > 1:
+            scores = max_pool_slots(scores.to(torch.float32).masked_fill(~view.valid, 0), self.pool_kernel)
+        return top_k_mask(scores, ratio_budget(self.ratio, view.seq_len), view.valid)
 
 
 @dataclass(frozen=True)
@@ -295,6 +310,7 @@ class FastGen:
     frequent_ratio: float = 0.3
     recent_window: int = 32  # the default by docs/results.md's rule; 0 in fastgen-paper
     decode_protect: int = 0
+    pool_kernel: int = 1  # the frequent rung's pooling (Frequent); 1 in fastgen-paper
     name: ClassVar[str] = "fastgen"
     ladder: ClassVar[tuple[str, ...]] = FASTGEN_LADDER
     needs_scores: ClassVar[bool] = True  # profiling reads the window's scores; frequent rungs keep adding
@@ -306,6 +322,7 @@ class FastGen:
         _check_ratio("frequent_ratio", self.frequent_ratio)
         _check_tokens("recent_window", self.recent_window, MAX_YOUNG_TOKENS)
         _check_tokens("decode_protect", self.decode_protect, MAX_YOUNG_TOKENS)
+        _check_pool_kernel(self.pool_kernel)
 
     def young_mask(self, view: SlotView) -> torch.Tensor:
         """[H, N] bool: the young tokens every compressed rung keeps (none for the paper's)."""
@@ -326,7 +343,7 @@ class FastGen:
         """
         special = SpecialTokens().keep_mask(view) | self.young_mask(view)
         punct = Punctuation().keep_mask(view)
-        frequent = Frequent(self.frequent_ratio).keep_mask(view)
+        frequent = Frequent(self.frequent_ratio, self.pool_kernel).keep_mask(view)
         local = Local(self.local_ratio).keep_mask(view)
         rungs = [special]
         for part in (punct, frequent, local):
@@ -353,20 +370,21 @@ class FastGen:
 class FastGenPaper(FastGen):
     """The paper's FastGen (Ge et al., ICLR 2024) as a named setting: no young tokens.
 
-    Same hyperparameters as ``fastgen``; ``recent_window`` and ``decode_protect``
-    exist only to say so and must stay 0.
+    Same hyperparameters as ``fastgen``; ``recent_window``, ``decode_protect`` (0) and
+    ``pool_kernel`` (1) exist only to say so and must keep those values.
     """
 
     recent_window: int = 0
     decode_protect: int = 0
+    pool_kernel: int = 1
     name: ClassVar[str] = "fastgen-paper"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("recent_window", "decode_protect"):
-            if getattr(self, key):
+        for key, paper in (("recent_window", 0), ("decode_protect", 0), ("pool_kernel", 1)):
+            if getattr(self, key) != paper:
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid for kv_policy='fastgen-paper': allowed "
-                                 f"value is 0 (the paper keeps no young tokens; kv_policy='fastgen' takes {key})")
+                                 f"value is {paper} (the paper's FastGen; kv_policy='fastgen' takes {key})")
 
 
 # --- baselines at a fixed KV budget -----------------------------------------
@@ -433,8 +451,7 @@ class SnapKV:
         _check_ratio("budget_ratio", self.budget_ratio, allow_zero=False)
         if not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"window={self.window!r} is invalid: allowed values are integers >= 0")
-        if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel={self.pool_kernel!r} is invalid: allowed values are odd integers >= 1")
+        _check_pool_kernel(self.pool_kernel)
 
     def keep_mask(self, view: SlotView) -> torch.Tensor:
         budget = ratio_budget(self.budget_ratio, view.seq_len)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import FLAG_PUNCT, FLAG_SPECIAL
-from .policies import FastGen, SlotView, flag_mask, ratio_budget, top_k_mask
+from .policies import FastGen, SlotView, flag_mask, max_pool_slots, ratio_budget, top_k_mask
 
 
 @dataclass
@@ -123,9 +123,10 @@ class FastGenProfiler:
         local = causal & (rows[None, :] >= (cur_len - window)[:, None])
         accumulated = attn.sum(1).cumsum(dim=1)  # [H, i, j]: attention up to row i
         k = ratio_budget(self.policy.frequent_ratio, cur_len).repeat(num_heads)
-        frequent = top_k_mask(
-            accumulated.reshape(num_heads * n, n), k, causal.repeat(num_heads, 1)
-        ).reshape(num_heads, n, n)
+        by_row = accumulated.reshape(num_heads * n, n)
+        if self.policy.pool_kernel > 1:  # as Frequent: pooled over neighbours seen by row i
+            by_row = max_pool_slots(by_row.masked_fill(~causal.repeat(num_heads, 1), 0), self.policy.pool_kernel)
+        frequent = top_k_mask(by_row, k, causal.repeat(num_heads, 1)).reshape(num_heads, n, n)
         # FastGen's recent_window (not in the paper): the last tokens up to row i; no
         # token of a prompt is generated, so decode_protect keeps nothing here.
         recent = causal & (rows[None, :] >= (cur_len - self.policy.recent_window)[:, None])
