@@ -82,9 +82,11 @@ class CompactionPlan:
 
     M = len(rows) * L * H head lists, flattened in (row, layer, head) order.
 
-    src_slot  [M, N] int64  physical slot ids to read, ascending logical order
-    dst_slot  [M, N] int64  physical slot ids to write
+    src_slot  [M, K] int64  physical slot ids to read, ascending logical order
+    dst_slot  [M, K] int64  physical slot ids to write
     num_moves [M]    int32  valid moves per list (entries beyond are ignored)
+
+    K is N on a device; on the CPU it is cut to the largest num_moves.
     new_lens  [R, L, H] int32
     """
 
@@ -271,11 +273,17 @@ class PagedHeadCache:
         keep = keep & (idx < lens[..., None])
         new_index = torch.cumsum(keep.to(torch.int64), -1) - 1
         moved = (keep & (new_index != idx)).reshape(-1, n)  # [M, N]
+        num_moves = moved.sum(-1)
+        # The kernels read only each row's first num_moves entries. On the CPU the widest
+        # row costs nothing to read, and cutting the plan to it skips most of the slot
+        # arithmetic at decode re-evictions (a few moves per list of ~1k slots); on a
+        # device reading it would be a sync, so the plan keeps all N columns there.
+        width = int(num_moves.max()) if self.device.type == "cpu" and num_moves.numel() else n
         # moved slots first, ascending: each one's rank among the moved is its column
-        # (a scatter, not a sort; unmoved slots all go to a spare column n, dropped)
-        rank = torch.where(moved, torch.cumsum(moved, -1) - 1, n)
-        order = torch.zeros(moved.shape[0], n + 1, dtype=torch.int64, device=self.device)
-        order = order.scatter_(1, rank, idx.expand_as(rank))[:, :n]
+        # (a scatter, not a sort; unmoved slots all go to a spare column, dropped)
+        rank = torch.where(moved, torch.cumsum(moved, -1) - 1, width)
+        order = torch.zeros(moved.shape[0], width + 1, dtype=torch.int64, device=self.device)
+        order = order.scatter_(1, rank, idx.expand_as(rank))[:, :width]
         src_logical = order
         dst_logical = new_index.reshape(-1, n).gather(1, order).clamp_min(0)
         tables = self.table[rows].reshape(-1, self.width).to(torch.int64)  # [M, W]
@@ -283,12 +291,16 @@ class PagedHeadCache:
             rows=rows,
             src_slot=self._physical(tables, src_logical),
             dst_slot=self._physical(tables, dst_logical),
-            num_moves=moved.sum(-1).to(torch.int32),
+            num_moves=num_moves.to(torch.int32),
             new_lens=keep.sum(-1).to(torch.int32),
         )
 
     def _physical(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         bs = self.block_size
+        if bs & (bs - 1) == 0:  # a power of two: shifts, not int64 divisions (slow on the CPU)
+            shift = bs.bit_length() - 1
+            page = tables.gather(1, (logical >> shift).clamp_max(self.width - 1))
+            return (page << shift) | (logical & (bs - 1))
         page = tables.gather(1, (logical // bs).clamp_max(self.width - 1))
         return page * bs + logical % bs
 
