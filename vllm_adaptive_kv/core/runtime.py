@@ -394,13 +394,17 @@ class HeadCacheRuntime:
         logical = torch.arange(num_slots, device=rows_t.device)
         table = self.cache.table[rows_t]  # [R, L, H, W]
         page = table[..., logical // bs].long().clamp_min(0)  # [R, L, H, N]
-        offset = (logical % bs).expand_as(page)
+        slot = (page * bs + logical % bs).reshape(-1)  # flat slot ids: 1-D gathers, cheaper than 2-D indexing
         per_row = self.num_layers * self.num_kv_heads
         seq_len = torch.tensor(tokens, dtype=torch.int64, device=rows_t.device)
+
+        def gather(field: torch.Tensor) -> torch.Tensor:
+            return field.reshape(-1).index_select(0, slot).view(-1, num_slots)
+
         return SlotView(
-            flags=pool.slot_flags[page, offset].reshape(-1, num_slots),
-            positions=pool.slot_pos[page, offset].reshape(-1, num_slots).to(torch.int64),
-            scores=pool.slot_score[page, offset].reshape(-1, num_slots),
+            flags=gather(pool.slot_flags),
+            positions=gather(pool.slot_pos).to(torch.int64),
+            scores=gather(pool.slot_score),
             lengths=self.cache.lens[rows_t].reshape(-1).to(torch.int64),
             seq_len=seq_len.repeat_interleave(per_row),
             prompt_len=None if prompt_lens is None else torch.tensor(
