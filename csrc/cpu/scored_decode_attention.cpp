@@ -75,17 +75,24 @@ inline float round_to_pool<c10::BFloat16>(float x) {
 // exp(x) for x <= 0 (a logit minus a max), 0 for x < -87 and -inf. Cephes' expf: 2^n * e^r
 // with |r| <= ln(2) / 2 and a degree-6 polynomial, about 1 ulp; written without calls
 // so that loops over it vectorize (std::exp does not, without -ffast-math).
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500E-4f;
+// e^r for the reduced argument, |r| <= ln(2) / 2: the polynomial, shared by the scalar
+// and the vector form (V = float or Lanes; scalars broadcast in vector arithmetic).
+template <typename V>
+__attribute__((always_inline)) inline V exp_reduced(V r) {
+  V p = V{} + 1.9875691500E-4f;
   p = p * r + 1.3981999507E-3f;
   p = p * r + 8.3334519073E-3f;
   p = p * r + 4.1665795894E-2f;
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
-  const float e = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  const float e = exp_reduced(r);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -187,13 +194,7 @@ __attribute__((always_inline)) inline Lanes exp_nonpositive(Lanes x) {  // inlin
   Lanes n = __builtin_convertvector(__builtin_convertvector(t, LanesI32), Lanes);
   n = n > t ? n - 1.0f : n;
   const Lanes r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  Lanes p = zero + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  const Lanes e = p * r * r + r + 1.0f;
+  const Lanes e = exp_reduced(r);
   const LanesI32 bits = (__builtin_convertvector(n, LanesI32) + 127) << 23;
   Lanes scale;
   std::memcpy(&scale, &bits, sizeof(scale));
