@@ -122,15 +122,20 @@ def test_top_k_breaks_ties_by_lower_index():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_top_k_matches_a_stable_sort_with_ties(seed):
+@pytest.mark.parametrize("most_kept", [False, True])
+def test_top_k_matches_a_stable_sort_with_ties(seed, most_kept):
     # the CPU's topk-and-tie-rank rule against the rule it replaces: a stable descending
-    # sort's first k eligible slots; few distinct scores force ties at the k-th value
+    # sort's first k eligible slots; few distinct scores force ties at the k-th value.
+    # most_kept: every k near the width, where the k-th value comes from the smallest
     gen = torch.Generator().manual_seed(seed)
     heads, width = 40, 1 + seed * 97
-    scores = torch.randint(0, 4 + seed, (heads, width), generator=gen).to(torch.bfloat16)
-    eligible = torch.rand(heads, width, generator=gen) < 0.8
-    k = torch.randint(-3, width + 5, (heads,), generator=gen)
-    k[:3] = torch.tensor([0, width, width + 2])
+    scores = torch.randint(0, 4 + seed * (1 + 4 * most_kept), (heads, width), generator=gen).to(torch.bfloat16)
+    eligible = torch.rand(heads, width, generator=gen) < (0.99 if most_kept else 0.8)
+    if most_kept:
+        k = width - torch.randint(-2, min(width, 6), (heads,), generator=gen)
+    else:
+        k = torch.randint(-3, width + 5, (heads,), generator=gen)
+        k[:3] = torch.tensor([0, width, width + 2])
     masked = scores.float().masked_fill(~eligible, float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(width).expand_as(order))

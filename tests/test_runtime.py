@@ -205,7 +205,8 @@ def test_score_lists_follow_each_requests_policy(path):
     # does) makes both kinds of list appear whatever the random profile chose.
     mixed = torch.tensor([[1, 2], [2, 1]])
     needed = FastGen().scores_needed(mixed)
-    rt.choice[a], rt.score_lists[a], rt.state[a].score_heads = mixed, needed, needed
+    rt.apply_choice([a], mixed[None])
+    assert torch.equal(rt.score_lists[a], needed) and torch.equal(rt.state[a].score_heads, needed)
     before = {(layer, head): list_scores(rt, a, layer, head) for layer in range(L) for head in range(H)}
     run_step(rt, model, ["a", "b", "c"], [1, 1, 1], [40, 31, 31], check=False)
     for (layer, head), was in before.items():
@@ -377,9 +378,7 @@ def test_fastgen_young_tokens_survive_decode_eviction():
     frequent = FastGen.ladder.index("special+punct+frequent")
     for req in reqs:
         row = rt.rows[req]
-        rt.choice[row] = frequent
-        needed = FastGen().scores_needed(rt.choice[row])
-        rt.score_lists[row], rt.state[row].score_heads = needed, needed.cpu()
+        rt.apply_choice([row], torch.full((1, L, H), frequent))
     for i in range(2 * BS):  # two decode evictions: at 56 and at 72 tokens
         run_step(rt, model, reqs, [1] * 3, [40 + i] * 3, check=False)
         rt.cache.audit()
@@ -399,3 +398,44 @@ def test_fastgen_young_tokens_survive_decode_eviction():
     assert held["paper"] < held["protect"] and held["paper"] < held["recent"]
     rt.release(reqs)
     assert rt.pages_in_use() == 0
+
+
+def test_decode_reeviction_skips_full_lists_and_matches_every_list_keep_mask():
+    """A decode re-eviction visits only the lists whose rung can drop a token, over the
+    slots of the longest of them; each list keeps what its rung's keep mask over the whole
+    request says (the rule applied to every list), and lists on ``full`` keep everything."""
+    rt, model = make_runtime("fastgen", recovery_ratio=0.5), FakeModel(7)
+    policy = rt.default_config.policy
+    rt.add("a", prompt_len=45)
+    rt.add("b", prompt_len=30)
+    run_step(rt, model, ["a", "b"], [45, 30], [0, 0], check=False)  # both profiled
+    full = FastGen.ladder.index("full")
+    mixed = torch.tensor([[[full, 2], [3, full]], [[0, full], [full, full]]])  # [R, L, H]
+    rows = [rt.rows["a"], rt.rows["b"]]
+    rt.apply_choice(rows, mixed)
+    assert [rt.state[r].num_evict_lists for r in rows] == [2, 1]
+    for i in range(BS):  # the last step re-evicts both requests
+        q, k, v, pos = model.step_inputs(["a", "b"], [1, 1], [45 + i, 30 + i])
+        meta = rt.plan_step(["a", "b"], [1, 1], pos, torch.randint(5, VOCAB, (2,), generator=model.gen))
+        for layer in range(L):
+            rt.attend(layer, q[layer], k[layer], v[layer], torch.empty_like(q[layer]), meta, 0.25)
+        if i < BS - 1:
+            rt.finish_step(meta)
+    assert all(rt.state[r].since_evict == BS for r in rows)
+    states = [rt.state[r] for r in rows]
+    lists = rt.cache.list_ids(torch.tensor(rows))
+    per_row = L * H
+    view = rt._slot_view(lists, [per_row] * 2, states, max(s.tokens for s in states))
+    want = policy.keep_mask(view, rt.choice[torch.tensor(rows)].reshape(-1))  # every list
+    before = [[kept_positions(rt, r, layer, head) for layer in range(L) for head in range(H)] for r in rows]
+    report = rt.finish_step(meta)
+    rt.cache.audit()
+    held_before = sum(len(positions) for per_row_lists in before for positions in per_row_lists)
+    assert 0 < report.evicted_tokens == held_before - int(rt.cache.lens[torch.tensor(rows)].sum())
+    for i, r in enumerate(rows):
+        for j in range(per_row):
+            layer, head = divmod(j, H)
+            expected = [p for p, keep in zip(before[i][j], want[i * per_row + j].tolist()) if keep]
+            assert kept_positions(rt, r, layer, head) == expected, (r, layer, head)
+            if mixed[i, layer, head] == full:
+                assert expected == before[i][j]  # untouched

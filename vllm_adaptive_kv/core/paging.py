@@ -78,19 +78,21 @@ class PagePoolShortError(RuntimeError):
 
 @dataclass
 class CompactionPlan:
-    """Moves that compact each head list, and the resulting lengths.
+    """Moves that compact some head lists, and the resulting lengths.
 
-    M = len(rows) * L * H head lists, flattened in (row, layer, head) order.
+    M head lists, named by flat list id ``(row * L + layer) * H + head``; a whole
+    request row's lists come in (layer, head) order.
 
+    lists     [M]    int64  the lists compacted
     src_slot  [M, K] int64  physical slot ids to read, ascending logical order
     dst_slot  [M, K] int64  physical slot ids to write
     num_moves [M]    int32  valid moves per list (entries beyond are ignored)
+    new_lens  [M]    int32
 
     K is N on a device; on the CPU it is cut to the largest num_moves.
-    new_lens  [R, L, H] int32
     """
 
-    rows: torch.Tensor
+    lists: torch.Tensor
     src_slot: torch.Tensor
     dst_slot: torch.Tensor
     num_moves: torch.Tensor
@@ -218,7 +220,7 @@ class PagedHeadCache:
         pages = self._stack[stack_pos]
         first_new = (lens.reshape(-1) + self.block_size - 1) // self.block_size  # [M]
         col = (first_new[:, None] + j[None, :]).clamp_max(self.width - 1)
-        flat = self._list_ids(rows)[:, None] * self.width + col
+        flat = self.list_ids(rows)[:, None] * self.width + col
         self._table.index_put_((_masked_index(flat, wanted, self._table.numel() - 1),), pages)
         self.num_free -= need.sum()
 
@@ -238,7 +240,7 @@ class PagedHeadCache:
         page = self._table[flat].to(torch.int64)
         return (page * bs + logical % bs).permute(1, 0, 2).contiguous()
 
-    def _list_ids(self, rows: torch.Tensor) -> torch.Tensor:
+    def list_ids(self, rows: torch.Tensor) -> torch.Tensor:
         """Flat list ids (row, layer, head) of ``rows`` in that order: [R * L * H]."""
         per_row = self.shape[1] * self.shape[2]
         return (rows[:, None] * per_row + torch.arange(per_row, device=self.device)[None, :]).reshape(-1)
@@ -261,18 +263,29 @@ class PagedHeadCache:
     # --- compaction ------------------------------------------------------------
 
     def plan_compaction(self, rows: torch.Tensor, keep: torch.Tensor) -> CompactionPlan:
-        """Turn keep masks into in-place moves; the tables are not changed yet.
+        """Turn keep masks of whole request rows into in-place moves (see ``plan_list_compaction``).
 
         keep [R, L, H, N] bool (N >= the longest list; slots past a list's length
-        are ignored). Apply the moves with the compaction kernel, then
-        ``commit_compaction``.
+        are ignored).
         """
-        lens = self.lens[rows].to(torch.int64)
+        return self.plan_list_compaction(self.list_ids(rows), keep.reshape(-1, keep.shape[-1]))
+
+    def plan_list_compaction(self, lists: torch.Tensor, keep: torch.Tensor) -> CompactionPlan:
+        """Turn keep masks of some head lists into in-place moves; the tables are not changed yet.
+
+        lists [M] int64 flat list ids (distinct), keep [M, N] bool (N >= the longest of
+        these lists; slots past a list's length are ignored). Apply the moves with the
+        compaction kernel, then ``commit_compaction``. Survivors keep their order::
+
+            keep     1 0 0 1 1 0 1      new_index = cumsum(keep) - 1
+            moves    3->1, 4->2, 6->3   (slot 0 stays; K = 3 columns)
+        """
+        lens = self.lens.view(-1)[lists].to(torch.int64)
         n = keep.shape[-1]
         idx = torch.arange(n, device=self.device)
-        keep = keep & (idx < lens[..., None])
+        keep = keep & (idx < lens[:, None])
         new_index = torch.cumsum(keep.to(torch.int64), -1) - 1
-        moved = (keep & (new_index != idx)).reshape(-1, n)  # [M, N]
+        moved = keep & (new_index != idx)  # [M, N]
         num_moves = moved.sum(-1)
         # The kernels read only each row's first num_moves entries. On the CPU the widest
         # row costs nothing to read, and cutting the plan to it skips most of the slot
@@ -285,10 +298,10 @@ class PagedHeadCache:
         order = torch.zeros(moved.shape[0], width + 1, dtype=torch.int64, device=self.device)
         order = order.scatter_(1, rank, idx.expand_as(rank))[:, :width]
         src_logical = order
-        dst_logical = new_index.reshape(-1, n).gather(1, order).clamp_min(0)
-        tables = self.table[rows].reshape(-1, self.width).to(torch.int64)  # [M, W]
+        dst_logical = new_index.gather(1, order).clamp_min(0)
+        tables = self._table[:-1].view(-1, self.width)[lists].to(torch.int64)  # [M, W]
         return CompactionPlan(
-            rows=rows,
+            lists=lists,
             src_slot=self._physical(tables, src_logical),
             dst_slot=self._physical(tables, dst_logical),
             num_moves=num_moves.to(torch.int32),
@@ -307,13 +320,14 @@ class PagedHeadCache:
     def commit_compaction(self, plan: CompactionPlan) -> None:
         """After the moves ran: free each list's tail pages and set the new lengths."""
         bs = self.block_size
-        tables = self.table[plan.rows]  # [R, L, H, W]
+        table = self._table[:-1].view(-1, self.width)
+        tables = table[plan.lists]  # [M, W]
         keep_pages = (plan.new_lens.to(torch.int64) + bs - 1) // bs
         col = torch.arange(self.width, device=self.device)
-        tail = (col >= keep_pages[..., None]) & (tables != NO_PAGE)
+        tail = (col >= keep_pages[:, None]) & (tables != NO_PAGE)
         self._push_pages(tables.reshape(-1), tail.reshape(-1))
-        self.table[plan.rows] = torch.where(tail, torch.full_like(tables, NO_PAGE), tables)
-        self.lens[plan.rows] = plan.new_lens
+        table[plan.lists] = torch.where(tail, torch.full_like(tables, NO_PAGE), tables)
+        self.lens.view(-1)[plan.lists] = plan.new_lens
 
     # --- checks (sync; tests and debug) ----------------------------------------
 

@@ -131,11 +131,17 @@ def _top_k_by_threshold(masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """
     width = masked.shape[1]
     k = k.to(torch.int64).clamp(0, width)
-    k_max = int(k.max())
+    k_max, k_min = (int(v) for v in torch.stack([k.max(), k.clamp_min(1).min()]).tolist())
     if k_max == 0:
         return torch.zeros_like(masked, dtype=torch.bool)
-    top = masked.topk(k_max, dim=1).values  # [H, k_max], descending
-    kth = top.gather(1, (k - 1).clamp(min=0)[:, None])  # [H, 1]
+    if width - k_min + 1 < k_max:
+        # most slots stay (decode re-evictions keep all but a few): the k-th largest is the
+        # (width - k + 1)-th smallest, and selecting the few smallest is the cheaper topk
+        low = masked.topk(width - k_min + 1, dim=1, largest=False).values  # [H, .], ascending
+        kth = low.gather(1, (width - k.clamp_min(1))[:, None])  # [H, 1]
+    else:
+        top = masked.topk(k_max, dim=1).values  # [H, k_max], descending
+        kth = top.gather(1, (k - 1).clamp(min=0)[:, None])  # [H, 1]
     above = masked > kth
     ties = masked == kth
     wanted = (k - above.sum(1))[:, None]  # ties to take, lowest slots first
@@ -358,6 +364,10 @@ class FastGen:
         rungs = self.candidate_masks(view)
         index = choice.to(torch.int64).clamp(0, len(self.ladder) - 1)
         return rungs.gather(0, index[None, :, None].expand(1, *rungs.shape[1:]))[0]
+
+    def rung_evicts(self, choice: torch.Tensor) -> torch.Tensor:
+        """bool like ``choice``: lists whose rung can drop a token (every rung but ``full``)."""
+        return choice != self.ladder.index("full")
 
     def scores_needed(self, choice: torch.Tensor) -> torch.Tensor:
         """bool like ``choice``: lists whose rung reads scores while decoding (frequent)."""

@@ -29,7 +29,9 @@ the list-by-list path reads the same choice from ``RowState.score_heads``.
 
 Decode-time eviction is lazy: a request's lists are re-evicted every
 ``block_size`` tokens after its prompt, so a head may hold up to one page of
-tokens its policy would already have dropped (docs/design.md, "Eviction").
+tokens its policy would already have dropped (docs/design.md, "Eviction"). A
+re-eviction visits only ``RowState.evict_lists`` (lists whose rung can drop a
+token), over ``longest_evictable`` slots.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ class RowState:
     profiled: bool = False  # prompt-end eviction done
     since_evict: int = 0  # tokens appended since the last eviction
     longest: int = 0  # slots of its longest list (host bound, exact after each report)
+    # The lists a decode re-eviction visits (flat list ids on the pool's device; those
+    # whose rung can drop a token), how many, and the slots of the longest of them
+    # (host bound like ``longest``). A per-head policy narrows them at the prompt's end.
+    evict_lists: torch.Tensor | None = None
+    num_evict_lists: int = 0
+    longest_evictable: int = 0
     # Its lists at the last report: pages held, and lists whose next token opens a page
     # (last page full, or empty). ``reported`` is False from a plan to its report:
     # meanwhile the lists grew and these two are stale.
@@ -101,6 +109,8 @@ class HeadCacheRuntime:
         # Lists whose observation rows add to the slot scores (StepScoring.lists); set per
         # request by ``add`` and narrowed at the prompt's end; device-side, never read back.
         self.score_lists = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.bool, device=device)
+        # Lists a decode re-eviction visits (RowState.evict_lists as a mask, for the report).
+        self.evictable = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.bool, device=device)
         self.token_flags = token_flags.to(device)
         self.default_settings = dict(default_settings)
         self.default_config = parse_policy_config(self.default_settings)
@@ -130,10 +140,19 @@ class HeadCacheRuntime:
         row = self._free_rows.pop()
         self.rows[req_id] = row
         lists = self.num_layers * self.num_kv_heads
-        self.state[row] = RowState(req_id, config or self.default_config, int(prompt_len), full_lists=lists)
+        state = RowState(req_id, config or self.default_config, int(prompt_len), full_lists=lists)
+        self.state[row] = state
         # Every list scores through the prompt: profiling reads all heads' window sums.
-        self.score_lists[row] = self.state[row].needs_scores
+        self.score_lists[row] = state.needs_scores
+        evicts = state.config.name != "full"
+        self.evictable[row] = evicts
+        self._set_evict_lists(state, self.cache.list_ids(torch.tensor([row], device=self.cache.device))
+                              if evicts else torch.empty(0, dtype=torch.int64, device=self.cache.device))
         return row
+
+    @staticmethod
+    def _set_evict_lists(state: RowState, lists: torch.Tensor) -> None:
+        state.evict_lists, state.num_evict_lists = lists, lists.numel()
 
     def release(self, req_ids) -> None:
         """Return every page of these requests (unknown ids are ignored)."""
@@ -178,6 +197,7 @@ class HeadCacheRuntime:
         for st, n in zip(states, num_tokens):
             st.tokens += n
             st.longest += n
+            st.longest_evictable += n
             st.reported = False
             if st.profiled:
                 st.since_evict += n
@@ -316,16 +336,19 @@ class HeadCacheRuntime:
         full_last = (lens % bs == 0).sum(dim=(1, 2))
         slots = lens.sum(dim=(1, 2))
         longest = lens.amax(dim=(1, 2))
-        per_req = torch.stack([held, full_last, slots, longest]).T.tolist()  # the step's one host read
+        longest_evictable = (lens * self.evictable[requests.rows_t]).amax(dim=(1, 2))
+        per_req = torch.stack([held, full_last, slots, longest, longest_evictable]).T.tolist()  # one host read
         extra = torch.stack([self._evicted, self.cache.num_free.reshape(())]).tolist()
         self._evicted.zero_()
         self._free_floor = int(extra[1])  # exact: the next check_plan starts from it
         report = StepReport(evicted_tokens=int(extra[0]), pages_free=int(extra[1]),
                             head_policy_counts=dict(self._decisions))
         self._decisions.clear()
-        for req_id, row, (held, full_last, slots, longest) in zip(requests.req_ids, requests.rows, per_req):
+        for req_id, row, (held, full_last, slots, longest, longest_ev) in zip(requests.req_ids, requests.rows,
+                                                                               per_req):
             state = self.state[row]
             state.longest, state.pages_held, state.full_lists, state.reported = longest, held, full_last, True
+            state.longest_evictable = longest_ev
             report.requests[req_id] = RequestReport(held, full_last, slots, self.state[row].tokens)
         return report
 
@@ -342,39 +365,61 @@ class HeadCacheRuntime:
             self._evict_group(config, group_rows, at_prompt_end)
 
     def _evict_group(self, config: KVPolicyConfig, rows: list[int], at_prompt_end: bool) -> None:
+        """Keep masks, then compaction, of the group's lists: every list at the prompt's end;
+        afterwards only ``evict_lists``, over the slots of the longest of them."""
+        states = [self.state[r] for r in rows]
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.cache.device)
-        num_slots = max(self.state[r].tokens for r in rows)
-        view = self._slot_view(rows_t, [self.state[r].tokens for r in rows], num_slots,
-                               [self.state[r].prompt_len for r in rows])
-        keep = self._keep_mask(config, rows, rows_t, view, at_prompt_end)
-        before = self.cache.lens[rows_t].to(torch.int64).sum()
-        plan = self.cache.plan_compaction(rows_t, keep.view(len(rows), self.num_layers,
-                                                            self.num_kv_heads, num_slots))
+        if at_prompt_end:
+            lists = self.cache.list_ids(rows_t)
+            counts = [self.num_layers * self.num_kv_heads] * len(rows)
+            num_slots = max(st.tokens for st in states)
+        else:
+            counts = [st.num_evict_lists for st in states]
+            if not sum(counts):
+                return
+            lists = torch.cat([st.evict_lists for st in states])
+            num_slots = max(st.longest_evictable for st in states)
+        view = self._slot_view(lists, counts, states, num_slots)
+        keep = self._keep_mask(config, rows, rows_t, lists, view, at_prompt_end)
+        before = self.cache.lens.view(-1)[lists].to(torch.int64).sum()
+        plan = self.cache.plan_list_compaction(lists, keep)
         self.attention.compact(plan)
         self.cache.commit_compaction(plan)
         self._evicted += before - plan.new_lens.to(torch.int64).sum()
 
-    def _keep_mask(self, config, rows, rows_t, view: SlotView, at_prompt_end: bool) -> torch.Tensor:
+    def _keep_mask(self, config, rows, rows_t, lists, view: SlotView, at_prompt_end: bool) -> torch.Tensor:
         policy = config.policy
         if not getattr(policy, "chooses_per_head", False):
             if at_prompt_end:
                 self._decisions[config.name] += view.lengths.numel()
             return policy.keep_mask(view)
         if not at_prompt_end:
-            return policy.keep_mask(view, self.choice[rows_t].reshape(-1))
+            return policy.keep_mask(view, self.choice.view(-1)[lists])
         shape = (len(rows), self.num_layers, self.num_kv_heads)
         window_tokens = torch.tensor([self.state[r].tokens - self.state[r].window_start for r in rows],
                                      dtype=torch.int64, device=rows_t.device)
         window_rows = (window_tokens * self.query_group)[:, None].expand(shape[0], shape[1] * shape[2])
         profile = FastGenProfiler(policy).profile_window(view, view.scores, window_rows.reshape(-1))
         choice, keep = profile.choice.view(shape), profile.keep
+        self.apply_choice(rows, choice)
+        self._record_choices(policy, rows, choice)
+        return keep
+
+    def apply_choice(self, rows: list[int], choice: torch.Tensor) -> None:
+        """Give the lists of ``rows`` (requests of a per-head policy) their rungs, ``choice``
+        [R, L, H]: what they score while decoding, and which lists re-evictions visit."""
+        policy = self.state[rows[0]].config.policy
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=self.cache.device)
+        choice = choice.to(self.choice.device)
         self.choice[rows_t] = choice
         needed = policy.scores_needed(choice)  # [R, L, H]
         self.score_lists[rows_t] = needed  # the dense paths' mask, on the device
-        for row, heads in zip(rows, needed.cpu()):  # the list-by-list path's host copy
-            self.state[row].score_heads = heads
-        self._record_choices(policy, rows, choice)
-        return keep
+        evicts = policy.rung_evicts(choice)
+        self.evictable[rows_t] = evicts
+        for row, heads, row_evicts in zip(rows, needed.cpu(), evicts.cpu()):  # host copies
+            self.state[row].score_heads = heads  # for the list-by-list path
+            local = row_evicts.reshape(-1).nonzero()[:, 0].to(rows_t.device)
+            self._set_evict_lists(self.state[row], row * row_evicts.numel() + local)
 
     def _record_choices(self, policy, rows: list[int], choice: torch.Tensor) -> None:
         """Count decisions per rung and keep the per-head policy map of each request."""
@@ -387,16 +432,20 @@ class HeadCacheRuntime:
         while len(self.head_policies) > PROFILE_HISTORY:
             self.head_policies.popitem(last=False)
 
-    def _slot_view(self, rows_t: torch.Tensor, tokens: list[int], num_slots: int,
-                   prompt_lens: list[int] | None = None) -> SlotView:
-        """SlotView of every list of ``rows_t``, flattened (row, layer, head), N = num_slots."""
-        bs, pool = self.block_size, self.pool
-        logical = torch.arange(num_slots, device=rows_t.device)
-        table = self.cache.table[rows_t]  # [R, L, H, W]
-        page = table[..., logical // bs].long().clamp_min(0)  # [R, L, H, N]
+    def _slot_view(self, lists: torch.Tensor, counts: list[int], states: list[RowState],
+                   num_slots: int) -> SlotView:
+        """SlotView of ``lists`` (flat list ids; ``counts[i]`` of them belong to ``states[i]``,
+        in that order), N = num_slots."""
+        bs, pool, device = self.block_size, self.pool, lists.device
+        logical = torch.arange(num_slots, device=device)
+        table = self.cache.table.view(-1, self.cache.width)[lists]  # [M, W]
+        page = table[:, logical // bs].long().clamp_min(0)  # [M, N]
         slot = (page * bs + logical % bs).reshape(-1)  # flat slot ids: 1-D gathers, cheaper than 2-D indexing
-        per_row = self.num_layers * self.num_kv_heads
-        seq_len = torch.tensor(tokens, dtype=torch.int64, device=rows_t.device)
+        per_list = torch.tensor(counts, dtype=torch.int64, device=device)
+
+        def per_request(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device).repeat_interleave(
+                per_list, output_size=lists.numel())
 
         def gather(field: torch.Tensor) -> torch.Tensor:
             return field.reshape(-1).index_select(0, slot).view(-1, num_slots)
@@ -405,10 +454,9 @@ class HeadCacheRuntime:
             flags=gather(pool.slot_flags),
             positions=gather(pool.slot_pos).to(torch.int64),
             scores=gather(pool.slot_score),
-            lengths=self.cache.lens[rows_t].reshape(-1).to(torch.int64),
-            seq_len=seq_len.repeat_interleave(per_row),
-            prompt_len=None if prompt_lens is None else torch.tensor(
-                prompt_lens, dtype=torch.int64, device=rows_t.device).repeat_interleave(per_row),
+            lengths=self.cache.lens.view(-1)[lists].to(torch.int64),
+            seq_len=per_request([st.tokens for st in states]),
+            prompt_len=per_request([st.prompt_len for st in states]),
         )
 
     # --- checks -------------------------------------------------------------------------
