@@ -183,7 +183,8 @@ def test_write_kv_refuses_a_slot_past_the_pool():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k_transposed", [False, True])
-def test_compact_slots_matches_reference_on_a_real_plan(dtype, k_transposed):
+@pytest.mark.parametrize("keep_prob", [0.4, 0.93])  # short runs of moves; long runs overlapping in a page
+def test_compact_slots_matches_reference_on_a_real_plan(dtype, k_transposed, keep_prob):
     from vllm_adaptive_kv.core.paging import PagedHeadCache
     from vllm_adaptive_kv.cpu_kernels import compact_slots
     from vllm_adaptive_kv.triton_kernels.compaction import compact_slots_reference
@@ -193,7 +194,7 @@ def test_compact_slots_matches_reference_on_a_real_plan(dtype, k_transposed):
     cache = PagedHeadCache(400, bs, layers, heads, 8, rows)
     row_ids = torch.arange(rows)
     cache.allocate(row_ids, torch.tensor([100, 37, 120]), 257)  # ragged: partial last pages
-    keep = torch.rand(rows, layers, heads, 120, generator=gen) < 0.4
+    keep = torch.rand(rows, layers, heads, 120, generator=gen) < keep_prob
     plan = cache.plan_compaction(row_ids, keep)
     pools = []
     for _ in range(2):
