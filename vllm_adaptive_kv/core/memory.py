@@ -8,7 +8,8 @@ outside that budget (``HeadCacheRuntime``, ``PagedHeadCache``, ``KVPool``)::
     per page    slot_pos int32, slot_flags uint8, slot_score fp32   9 B per slot (KVPool)
                 one free-stack entry                                int32
     per list    page table [R, L, H, W] int32 (+1 trash entry)      W = ceil(max_model_len / bs) + 1
-                lens int32, choice int64, score_lists bool          [R, L, H] each
+                lens int32, choice int64, score_lists bool,         [R, L, H] each
+                evictable bool
     fixed       free-stack trash entry int32, num_free int64, evicted int64, token flags [vocab] uint8
     slack       ALLOCATOR_ROUNDING per tensor (the CUDA caching allocator rounds sizes up)
 
@@ -18,7 +19,8 @@ bytes, so ``gpu_memory_utilization`` still holds. It also keeps room for the lar
 per-step temporary, the split-K workspace of ``paged_attention`` (capped at
 ``SPLIT_WORKSPACE_BYTES``): vLLM's memory profile cannot see it, because attention
 does nothing in the profiling run. Smaller temporaries (step plans, compaction
-moves) come and go like activations and are not counted.
+moves) come and go like activations and are not counted; so do the live requests'
+``RowState.evict_lists`` (at most ``R * L * H`` int64 in all, like ``choice``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def runtime_tensor_bytes(num_pages: int, block_size: int, num_layers: int, num_k
         "slot_pos": slots * INT32, "slot_flags": slots * UINT8, "slot_score": slots * 4,  # KVPool
         "free_stack": (num_pages + 1) * INT32, "num_free": INT64,  # PagedHeadCache
         "table": (lists * width + 1) * INT32, "lens": lists * INT32,
-        "choice": lists * INT64, "score_lists": lists * BOOL, "evicted": INT64,  # HeadCacheRuntime
+        "choice": lists * INT64, "score_lists": lists * BOOL, "evictable": lists * BOOL,  # HeadCacheRuntime
+        "evicted": INT64,
         "token_flags": vocab_size * UINT8,
     }
 
