@@ -441,11 +441,11 @@ class HeadCacheRuntime:
         table = self.cache.table.view(-1, self.cache.width)[lists]  # [M, W]
         page = table[:, logical // bs].long().clamp_min(0)  # [M, N]
         slot = (page * bs + logical % bs).reshape(-1)  # flat slot ids: 1-D gathers, cheaper than 2-D indexing
-        per_list = torch.tensor(counts, dtype=torch.int64, device=device)
+        lists_per_request = torch.tensor(counts, dtype=torch.int64, device=device)
 
         def per_request(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device).repeat_interleave(
-                per_list, output_size=lists.numel())
+                lists_per_request, output_size=lists.numel())
 
         def gather(field: torch.Tensor) -> torch.Tensor:
             return field.reshape(-1).index_select(0, slot).view(-1, num_slots)
