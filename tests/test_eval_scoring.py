@@ -589,3 +589,16 @@ def test_kvpress_driver_runs_a_prompt_its_press_refuses_uncompressed(monkeypatch
     assert snap["press"] == "snapkv" and snap["compression_ratio"] == 0.0 and snap["kept_after_prefill"] == 1.0
     assert "window size 64" in snap["press_error"] and "press_error" not in none
     assert snap["output_ids"] == none["output_ids"]  # uncompressed: the reference's own tokens
+
+
+def test_partial_results_record_the_command_as_typed(tmp_path):
+    # the CLI hands main() the arguments after "eval"; sys.argv still starts with "eval"
+    import argparse
+
+    from vllm_adaptive_kv.apps.eval import save_partial
+
+    args = argparse.Namespace(out_dir=str(tmp_path), argv=["--tasks", "passkey", "--quick"])
+    save_partial(args, [{"label": "full"}])
+    saved = json.loads((tmp_path / "partial.json").read_text())
+    assert saved["command"] == "vllm-adaptive-kv eval --tasks passkey --quick"
+    assert saved["settings"] == [{"label": "full"}]

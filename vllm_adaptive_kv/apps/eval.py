@@ -1304,7 +1304,7 @@ def save_partial(args, rows: list[dict]) -> None:
     """The rows so far, in ``--out-dir``/partial.json: a run that dies keeps what it measured."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "partial.json").write_text(json.dumps({"command": "vllm-adaptive-kv eval " + " ".join(sys.argv[1:]),
+    (out / "partial.json").write_text(json.dumps({"command": "vllm-adaptive-kv eval " + " ".join(args.argv),
                                                   "settings": rows}, indent=1) + "\n")
 
 
@@ -1408,7 +1408,7 @@ def add_kvpress(args, results: dict) -> None:
     args.no_fidelity = not results.get("fidelity", True)
     results["settings"] = [r for r in results["settings"] if r.get("engine") != "transformers"]
     results["settings"] += run_kvpress(args, folder, suite, size, results["settings"])
-    results["kvpress_command"] = "vllm-adaptive-kv eval " + " ".join(sys.argv[1:])
+    results["kvpress_command"] = "vllm-adaptive-kv eval " + " ".join(args.argv)
 
 
 def load_results(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -1438,6 +1438,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = resolve_args(parser.parse_args(argv), parser)
+    args.argv = argv  # the command as typed after "eval", for the records (sys.argv starts with "eval")
     if args.from_json:
         results = load_results(args.from_json, parser)
         if args.kvpress:
