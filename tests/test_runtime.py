@@ -413,7 +413,7 @@ def test_decode_reeviction_skips_full_lists_and_matches_every_list_keep_mask():
     mixed = torch.tensor([[[full, 2], [3, full]], [[0, full], [full, full]]])  # [R, L, H]
     rows = [rt.rows["a"], rt.rows["b"]]
     rt.apply_choice(rows, mixed)
-    assert [rt.state[r].num_evict_lists for r in rows] == [2, 1]
+    assert [rt.state[r].evict_lists.numel() for r in rows] == [2, 1]
     for i in range(BS):  # the last step re-evicts both requests
         q, k, v, pos = model.step_inputs(["a", "b"], [1, 1], [45 + i, 30 + i])
         meta = rt.plan_step(["a", "b"], [1, 1], pos, torch.randint(5, VOCAB, (2,), generator=model.gen))

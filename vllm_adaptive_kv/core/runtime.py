@@ -64,10 +64,9 @@ class RowState:
     since_evict: int = 0  # tokens appended since the last eviction
     longest: int = 0  # slots of its longest list (host bound, exact after each report)
     # The lists a decode re-eviction visits (flat list ids on the pool's device; those
-    # whose rung can drop a token), how many, and the slots of the longest of them
-    # (host bound like ``longest``). A per-head policy narrows them at the prompt's end.
+    # whose rung can drop a token) and the slots of the longest of them (host bound like
+    # ``longest``). A per-head policy narrows them at the prompt's end.
     evict_lists: torch.Tensor | None = None
-    num_evict_lists: int = 0
     longest_evictable: int = 0
     # Its lists at the last report: pages held, and lists whose next token opens a page
     # (last page full, or empty). ``reported`` is False from a plan to its report:
@@ -146,13 +145,9 @@ class HeadCacheRuntime:
         self.score_lists[row] = state.needs_scores
         evicts = state.config.name != "full"
         self.evictable[row] = evicts
-        self._set_evict_lists(state, self.cache.list_ids(torch.tensor([row], device=self.cache.device))
-                              if evicts else torch.empty(0, dtype=torch.int64, device=self.cache.device))
+        state.evict_lists = (self.cache.list_ids(torch.tensor([row], device=self.cache.device)) if evicts
+                             else torch.empty(0, dtype=torch.int64, device=self.cache.device))
         return row
-
-    @staticmethod
-    def _set_evict_lists(state: RowState, lists: torch.Tensor) -> None:
-        state.evict_lists, state.num_evict_lists = lists, lists.numel()
 
     def release(self, req_ids) -> None:
         """Return every page of these requests (unknown ids are ignored)."""
@@ -374,7 +369,7 @@ class HeadCacheRuntime:
             counts = [self.num_layers * self.num_kv_heads] * len(rows)
             num_slots = max(st.tokens for st in states)
         else:
-            counts = [st.num_evict_lists for st in states]
+            counts = [st.evict_lists.numel() for st in states]  # numel: host metadata, no sync
             if not sum(counts):
                 return
             lists = torch.cat([st.evict_lists for st in states])
@@ -419,7 +414,7 @@ class HeadCacheRuntime:
         for row, heads, row_evicts in zip(rows, needed.cpu(), evicts.cpu()):  # host copies
             self.state[row].score_heads = heads  # for the list-by-list path
             local = row_evicts.reshape(-1).nonzero()[:, 0].to(rows_t.device)
-            self._set_evict_lists(self.state[row], row * row_evicts.numel() + local)
+            self.state[row].evict_lists = row * row_evicts.numel() + local
 
     def _record_choices(self, policy, rows: list[int], choice: torch.Tensor) -> None:
         """Count decisions per rung and keep the per-head policy map of each request."""
