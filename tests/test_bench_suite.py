@@ -226,7 +226,7 @@ def test_a_cell_runs_once_more_on_a_fresh_server_when_the_first_died():
     suite = bench_suite.Suite.__new__(bench_suite.Suite)  # no model folder needed for this part
     ran, started = [], []
 
-    def run_cell(server, budget, label, out, arrivals, workload, retry=False):
+    def run_cell(server, budget, label, out, arrivals, workload, retry=False, round_index=0):
         ran.append((server.name, retry))
         server.cells_left -= 1
 
@@ -241,3 +241,61 @@ def test_a_cell_runs_once_more_on_a_fresh_server_when_the_first_died():
     live = suite.run_cell_once_more_if_died(first, {"name": "bound-2"}, "full", "long", "burst", [])  # first dies in this cell
     assert live.name == "second" and first.stopped and started == ["full"]
     assert ran[1:] == [("first", False), ("second", True)]
+
+
+def test_interleaved_rounds_alternate_turns_and_ratios_are_per_round_medians():
+    """Cells run every configuration back to back, reversing the turn each time; the
+    Poisson rate is the first configuration's even when it ran last; the tables show the
+    median row and the median of the per-round ratios."""
+    suite = bench_suite.Suite.__new__(bench_suite.Suite)
+    suite.args = bench_suite.parse_args(["--vllm", sys.executable, "--configs", "vanilla-bs32,full,fastgen",
+                                         "--rounds", "3", "--budgets", "ample", "--outputs", "short,long"])
+    assert suite.args.order == "interleaved"
+    suite.rates, suite.doc, suite.save = {}, {"cells": [], "curve": {}, "budgets": [
+        {"name": "ample", "servers": {}}]}, lambda: None
+    speeds = {"vanilla-bs32": [10.0, 11.0, 9.0], "full": [10.0, 12.0, 10.0], "fastgen": [9.0, 13.0, 11.0]}
+    calls = []
+
+    def fake_measure(server, label, workload, sargs):
+        calls.append(label)
+        round_index = sum(1 for c in calls[:-1] if c == label) % 3
+        tps = speeds[label][round_index]
+        return {"output_tokens_per_s": tps, "requests_per_s": tps / 10, "failed": 0, "samples": [],
+                "accuracy": 1.0, "kept_fraction": None, "mean_running": 1.0, "peak_running": 1, "preemptions": 0,
+                "ttft_s": {"p50": 1.0, "p99": 1.0}, "tpot_s": {"p50": 0.1, "p99": 0.1}, "completed": 1}
+
+    class Up:
+        sargs = None
+
+        def alive(self):
+            return True
+
+    budget = {"name": "ample", "k": None, "bytes": 1 << 30,
+              "servers": {label: {"kernel": {"path": "x"}} for label in suite.args.configs}}
+    workload = [bench.BenchRequest(index=0, text="t", passkey="1", depth=0.5, prompt_tokens=1300, output_tokens=16,
+                                   arrival_s=0.0)]
+    original, bench.measure = bench.measure, fake_measure
+    try:
+        suite.run_cells({label: Up() for label in suite.args.configs}, budget, {"short": workload, "long": workload})
+    finally:
+        bench.measure = original
+    forward, backward = ["vanilla-bs32", "full", "fastgen"], ["fastgen", "full", "vanilla-bs32"]
+    # burst short r1..r3, burst long r1..r3, then the same for Poisson: turns alternate throughout
+    assert calls[:9] == forward + backward + forward and calls[9:12] == backward
+    assert len(calls) == 2 * 2 * 3 * 3
+    assert suite.rates[("ample", "long")] == pytest.approx(0.9 * 1.0)  # vanilla-bs32's round 1, though it ran last
+    burst_short = suite.doc["cells"][0]
+    assert burst_short["name"] == "ample/short/burst" and len(burst_short["rounds"]) == 3
+    assert list(burst_short["runs"]) == forward  # the configured order, whatever order they ran in
+    assert burst_short["runs"]["fastgen"]["output_tokens_per_s"] == 11.0  # the median row
+    # fastgen / full per round: 0.9, 13/12, 1.1 -> median 13/12 (not 11/10 of the median rows)
+    assert [r["fastgen_vs_full"] for r in burst_short["round_ratios"]] == pytest.approx([0.9, 13 / 12, 1.1])
+    assert burst_short["ratios"]["fastgen_vs_full"] == pytest.approx(13 / 12)
+    assert "fastgen_vs_full by round: 0.90 / 1.08 / 1.10" in bench_suite.format_cell(
+        {**burst_short, "budget_bytes": 1 << 30, "rate": None,
+         "runs": {k: {**v, "kernel": {"path": "x"}} for k, v in burst_short["runs"].items()}})
+    doc = {"budgets": [], "cells": [burst_short], "curve": {}, "args": {"rounds": 3}}
+    text = bench_suite.markdown_report(doc)
+    assert "1.08x (0.90 / 1.08 / 1.10)" in text and "fastgen (round 3)" in text and "median of 3 rounds" in text
+    by_config = bench_suite.parse_args(["--vllm", sys.executable, "--order", "by-config"])
+    assert by_config.order == "by-config" and by_config.rounds == 1

@@ -19,6 +19,20 @@ on it (short and long outputs, then Poisson arrivals), so servers start
 ``--poisson-load`` times the first configuration's requests/s in the burst cell
 (vanilla's capacity when it runs first, as by default).
 
+Order (``--order``). A shared machine's speed drifts by minutes, so by default
+(``interleaved``) every configuration's server of a budget is started at once (idle
+servers wait on their sockets) and each cell runs the configurations back to back,
+in turns that reverse from one cell, or round, to the next::
+
+    cell 1, round 1:  vanilla  vanilla-bs32  full     fastgen
+    cell 1, round 2:  fastgen  full          vanilla-bs32  vanilla
+    cell 2, round 1:  vanilla  vanilla-bs32  full     fastgen      ...
+
+so a steady drift lands on both sides of every ratio. ``--rounds R`` runs each cell R
+times; a cell's ratios are then the median of its per-round ratios (each round pairs
+runs minutes apart), its rows the run with the median output tokens/s. ``by-config``
+runs one server at a time, the whole budget on it (least memory: one server up).
+
 Beside the rows of ``bench``, each cell reports the ratios the targets are about,
 the attention kernel each configuration ran (vLLM CPU picks "amx" for bf16 at block
 sizes that are multiples of 32 when the CPU has AMX, else "vec", or "vec16"; the
@@ -44,6 +58,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -81,6 +96,7 @@ CONFIGS = {c.label: c for c in (
 )}
 DEFAULT_CONFIGS = ("vanilla", f"vanilla-bs{PLUGIN_BLOCK}", "full", "fastgen")
 SAME_BLOCK_VANILLA = f"vanilla-bs{PLUGIN_BLOCK}"
+ORDERS = ("interleaved", "by-config")
 QUICK = {"num_requests": 4, "prompt_tokens": (150, 250), "short_output": 4, "long_output": 8,
          "budgets": ["bound-2"], "curve_points": [1, 2], "max_model_len": 512}
 
@@ -153,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "ample budget's servers (or the largest budget's; default vanilla,full)")
     w.add_argument("--curve-rounds", type=positive(int), default=1,
                    help="requests per client at each curve point (default 1)")
+    w.add_argument("--order", choices=ORDERS, default="interleaved",
+                   help="interleaved: a budget's servers up at once, each cell runs every configuration back "
+                   "to back in alternating turns (default); by-config: one server at a time")
+    w.add_argument("--rounds", type=positive(int), default=1,
+                   help="runs of each cell per configuration; ratios are the median over rounds (default 1)")
     w.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     s = p.add_argument_group("servers (as in bench)")
     s.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -312,6 +333,34 @@ def cell_ratios(runs: dict) -> dict:
     }
 
 
+def median_ratios(rounds: list[dict]) -> dict:
+    """Each ratio's median over a cell's rounds ({label: row} each), every round's ratio
+    taken between runs made minutes apart; None where no round has both sides."""
+    per_round = [cell_ratios(runs) for runs in rounds]
+    medians = {}
+    for key in per_round[0]:
+        values = [r[key] for r in per_round if r[key] is not None]
+        medians[key] = statistics.median(values) if values else None
+    return medians
+
+
+def median_runs(rounds: list[dict]) -> dict:
+    """Per configuration, its row with the median output tokens/s over the rounds (the
+    lower middle for an even count): the row the tables show."""
+    labels = dict.fromkeys(label for runs in rounds for label in runs)
+    chosen = {}
+    for label in labels:
+        rows = sorted((runs[label] for runs in rounds if label in runs),
+                      key=lambda row: row.get("output_tokens_per_s") or 0.0)
+        chosen[label] = rows[(len(rows) - 1) // 2]
+    return chosen
+
+
+def turn_order(labels: list[str], turn: int) -> list[str]:
+    """The configurations in the given order on even turns, reversed on odd ones."""
+    return list(labels) if turn % 2 == 0 else list(reversed(labels))
+
+
 def cell_concurrency(cell: dict, capacity: dict, block_sizes: dict, max_num_seqs) -> dict | None:
     """Fastgen's (and chunk-admit's) ideal vs measured running for a memory-bound cell."""
     if cell["budget_k"] is None:
@@ -465,17 +514,32 @@ class Suite:
     # --- one budget -----------------------------------------------------------------------
 
     def run_budget(self, budget: dict, workloads: dict, curve_here: bool) -> None:
-        for label in self.args.configs:
-            server = self.start_server(budget, label)
+        """Every cell of ``budget``; the servers up together (interleaved) or one at a time."""
+        labels = list(self.args.configs)
+        groups = [labels] if self.args.order == "interleaved" else [[label] for label in labels]
+        for group in groups:
+            servers = {}
             try:
-                for arrivals in self.args.arrivals:
-                    for out in self.args.outputs:
-                        server = self.run_cell_once_more_if_died(server, budget, label, out, arrivals,
-                                                                 workloads[out])
-                if curve_here and label in self.args.curve_configs and self.args.curve_points:
-                    self.run_curve(server, label, budget["name"])
+                for label in group:
+                    servers[label] = self.start_server(budget, label)
+                self.run_cells(servers, budget, workloads)
+                for label in group:
+                    if curve_here and label in self.args.curve_configs and self.args.curve_points:
+                        self.run_curve(servers[label], label, budget["name"])
             finally:
-                server.__exit__(None, None, None)
+                for server in servers.values():
+                    server.__exit__(None, None, None)
+
+    def run_cells(self, servers: dict, budget: dict, workloads: dict) -> None:
+        """Each cell, ``--rounds`` times, the servers' configurations in alternating turns."""
+        turn = 0
+        for arrivals in self.args.arrivals:
+            for out in self.args.outputs:
+                for round_index in range(self.args.rounds):
+                    for label in turn_order(list(servers), turn):
+                        servers[label] = self.run_cell_once_more_if_died(
+                            servers[label], budget, label, out, arrivals, workloads[out], round_index)
+                    turn += 1
 
     def start_server(self, budget: dict, label: str) -> bench.Server:
         """A started server of ``label`` at ``budget``; records its cache, kernel and start-up."""
@@ -496,17 +560,18 @@ class Suite:
         self.save()
         return server
 
-    def run_cell_once_more_if_died(self, server, budget, label, out, arrivals, workload) -> bench.Server:
+    def run_cell_once_more_if_died(self, server, budget, label, out, arrivals, workload,
+                                   round_index: int = 0) -> bench.Server:
         """Run a cell; if the server died meanwhile (on a shared machine, the kernel's OOM
         killer), start a fresh one and run the cell once more. Returns the live server."""
-        self.run_cell(server, budget, label, out, arrivals, workload)
+        self.run_cell(server, budget, label, out, arrivals, workload, round_index=round_index)
         if server.alive():
             return server
         print(f"[suite] {budget['name']} {label}: the server died during {out}/{arrivals} "
               f"(log {server.log_path}); starting a fresh one and running the cell once more", flush=True)
         server.__exit__(None, None, None)
         server = self.start_server(budget, label)
-        self.run_cell(server, budget, label, out, arrivals, workload, retry=True)
+        self.run_cell(server, budget, label, out, arrivals, workload, retry=True, round_index=round_index)
         return server
 
     def cell(self, budget: dict, out: str, arrivals: str) -> dict:
@@ -515,12 +580,12 @@ class Suite:
             if c["name"] == name:
                 return c
         c = {"name": name, "budget": budget["name"], "budget_k": budget["k"], "budget_bytes": budget["bytes"],
-             "output": out, "arrivals": arrivals, "rate": None, "workload": None, "runs": {}}
+             "output": out, "arrivals": arrivals, "rate": None, "workload": None, "runs": {}, "rounds": []}
         self.doc["cells"].append(c)
         return c
 
     def run_cell(self, server, budget: dict, label: str, out: str, arrivals: str, workload: list,
-                 retry: bool = False) -> None:
+                 retry: bool = False, round_index: int = 0) -> None:
         cell = self.cell(budget, out, arrivals)
         if arrivals == "poisson":
             rate = self.rates.get((budget["name"], out))
@@ -533,8 +598,12 @@ class Suite:
         row.pop("samples")  # the suite keeps summaries only (bench keeps every sample)
         row["kernel"] = budget["servers"][label]["kernel"]
         row["retry"] = retry  # the first server died during this cell
-        cell["runs"][label] = row
-        if arrivals == "burst" and (budget["name"], out) not in self.rates and row["requests_per_s"] \
+        row["round"] = round_index
+        while len(cell["rounds"]) <= round_index:
+            cell["rounds"].append({})
+        cell["rounds"][round_index][label] = row
+        first = label == self.args.configs[0]  # the rate is the first configuration's, whatever ran first
+        if arrivals == "burst" and first and (budget["name"], out) not in self.rates and row["requests_per_s"] \
                 and not row["failed"]:
             self.rates[(budget["name"], out)] = self.args.poisson_load * row["requests_per_s"]
         self.finish_cell(cell)
@@ -545,7 +614,11 @@ class Suite:
         servers = next(b for b in self.doc["budgets"] if b["name"] == cell["budget"])["servers"]
         capacity = {k: v["capacity_tokens"] for k, v in servers.items() if "capacity_tokens" in v}
         blocks = {k: v["block_size"] for k, v in servers.items() if "block_size" in v}
-        cell["ratios"] = cell_ratios(cell["runs"])
+        rounds = [runs for runs in cell.get("rounds") or [] if runs] or [cell["runs"]]
+        chosen = median_runs(rounds)
+        cell["runs"] = {label: chosen[label] for label in self.args.configs if label in chosen}
+        cell["ratios"] = median_ratios(rounds)
+        cell["round_ratios"] = [cell_ratios(runs) for runs in rounds] if len(rounds) > 1 else None
         cell["concurrency"] = cell_concurrency(cell, capacity, blocks, self.args.max_num_seqs)
         fg = (cell["concurrency"] or {}).get("fastgen")
         cell["curve_prediction"] = {label: curve_predict(c["points"], fg and fg["mean_running"])
@@ -618,7 +691,11 @@ def format_cell(cell: dict) -> str:
     ratios = cell.get("ratios") or {}
     shown = [f"{k} {v:.2f}x" for k, v in ratios.items() if v is not None and not k.startswith("passkey")]
     if shown:
-        lines.append("ratios: " + ", ".join(shown))
+        lines.append(("median ratios over rounds: " if cell.get("round_ratios") else "ratios: ") + ", ".join(shown))
+    for key in ROUND_SHOWN:
+        spread = round_spread(cell, key)
+        if spread:
+            lines.append(f"{key} by round: {spread}")
     for label, c in (cell.get("concurrency") or {}).items():
         ideal = c["ideal"]
         if "by_rule" in ideal:
@@ -634,6 +711,18 @@ def format_cell(cell: dict) -> str:
         if pred is not None:
             lines.append(f"{label} curve predicts {pred:.2f} output tok/s at fastgen's mean running")
     return "\n".join(lines)
+
+
+ROUND_SHOWN = ("full_vs_vanilla_same_block", "fastgen_vs_full")  # the ample targets' ratios
+
+
+def round_spread(cell: dict, key: str) -> str:
+    """A ratio's value in each round, "0.98 / 1.03 / 1.01"; "" for a single round."""
+    rounds = cell.get("round_ratios") or []
+    values = [r.get(key) for r in rounds]
+    if len(values) < 2 or all(v is None for v in values):
+        return ""
+    return " / ".join(_f(v, ".2f") for v in values)
 
 
 def format_targets(checks: list[dict]) -> str:
@@ -664,7 +753,10 @@ def markdown_report(doc: dict) -> str:
     runs = [["cell", "config", "out tok/s", "peak run", "mean run", "preempt", "kept", "TTFT p50 / p99",
              "TPOT p50 / p99", "passkey", "load after"]]
     for c in doc["cells"]:
-        for label, r in c["runs"].items():
+        rounds = [r for r in c.get("rounds") or [] if r] or [c["runs"]]
+        every = [(f"{label} (round {i + 1})" if len(rounds) > 1 else label, r)
+                 for i, round_runs in enumerate(rounds) for label, r in round_runs.items()]
+        for label, r in every:
             runs.append([c["name"] + (f" ({c['rate']:.3f}/s)" if c.get("rate") else ""), label,
                          _f(r["output_tokens_per_s"], ".2f"), _f(r["peak_running"], ".0f"),
                          _f(r.get("mean_running"), ".2f"), _f(r.get("preemptions"), ".0f"),
@@ -677,13 +769,21 @@ def markdown_report(doc: dict) -> str:
     out += ["Every run:", "", _md(runs), ""]
     ratios = [["cell", "full / vanilla-bs32", "fastgen / full", "fastgen / vanilla", "vanilla-bs32 / vanilla",
                "passkey fastgen - full"]]
+
+    def with_rounds(c, key):  # the median, then each round's value when there are several
+        spread = round_spread(c, key)
+        return _f((c.get("ratios") or {}).get(key), ".2f", suffix="x") + (f" ({spread})" if spread else "")
+
     for c in doc["cells"]:
         r = c.get("ratios") or {}
-        ratios.append([c["name"], _f(r.get("full_vs_vanilla_same_block"), ".2f", suffix="x"),
-                       _f(r.get("fastgen_vs_full"), ".2f", suffix="x"), _f(r.get("fastgen_vs_vanilla"), ".2f", suffix="x"),
+        ratios.append([c["name"], with_rounds(c, "full_vs_vanilla_same_block"),
+                       with_rounds(c, "fastgen_vs_full"), _f(r.get("fastgen_vs_vanilla"), ".2f", suffix="x"),
                        _f(r.get("vanilla_same_block_vs_vanilla"), ".2f", suffix="x"),
                        _f(r.get("passkey_points_fastgen_vs_full"), "+.1f", suffix=" pt")])
-    out += ["Output tokens/s ratios (same cell, same run):", "", _md(ratios), ""]
+    rounds = (doc.get("args") or {}).get("rounds") or 1
+    title = ("Output tokens/s ratios (same cell, same run" + (f"; median of {rounds} rounds, each round's value "
+             "in brackets):" if rounds > 1 else "):"))
+    out += [title, "", _md(ratios), ""]
     conc = [["cell", "whole requests fit (vanilla / bs32)", "fastgen ideal: rule / by chunk", "fastgen peak / mean",
              "mean / ideal mean", "preemptions (v / v32 / full / fastgen)", "curve predicts", "fastgen out tok/s"]]
     for c in doc["cells"]:
