@@ -66,7 +66,7 @@ def child_main(conn, spec: str, args_dict: dict, texts: list[str]) -> None:
         extra["additional_config"] = {"kv_policy": name}
     engine = LLMEngine.from_engine_args(EngineArgs(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory_bytes=args.budget,
-        max_num_seqs=args.running, max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=True,
+        max_num_seqs=args.max_num_seqs or args.running, max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=True,
         seed=0, enable_prefix_caching=False, **extra))
     params = SamplingParams(temperature=0, max_tokens=args.output_tokens, min_tokens=args.output_tokens,
                             ignore_eos=True)
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="(default: --running; a server's is vLLM's default)")
     p.add_argument("--model", default=None)
     p.add_argument("--out", default=None, metavar="JSON")
     return p
