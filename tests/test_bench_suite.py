@@ -243,7 +243,7 @@ def test_a_cell_runs_once_more_on_a_fresh_server_when_the_first_died():
     assert ran[1:] == [("first", False), ("second", True)]
 
 
-def test_interleaved_rounds_alternate_turns_and_ratios_are_per_round_medians():
+def test_interleaved_rounds_alternate_turns_and_ratios_are_per_round_medians(monkeypatch):
     """Cells run every configuration back to back, reversing the turn each time; the
     Poisson rate is the first configuration's even when it ran last; the tables show the
     median row and the median of the per-round ratios."""
@@ -274,11 +274,8 @@ def test_interleaved_rounds_alternate_turns_and_ratios_are_per_round_medians():
               "servers": {label: {"kernel": {"path": "x"}} for label in suite.args.configs}}
     workload = [bench.BenchRequest(index=0, text="t", passkey="1", depth=0.5, prompt_tokens=1300, output_tokens=16,
                                    arrival_s=0.0)]
-    original, bench.measure = bench.measure, fake_measure
-    try:
-        suite.run_cells({label: Up() for label in suite.args.configs}, budget, {"short": workload, "long": workload})
-    finally:
-        bench.measure = original
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    suite.run_cells({label: Up() for label in suite.args.configs}, budget, {"short": workload, "long": workload})
     forward, backward = ["vanilla-bs32", "full", "fastgen"], ["fastgen", "full", "vanilla-bs32"]
     # burst short r1..r3, burst long r1..r3, then the same for Poisson: turns alternate throughout
     assert calls[:9] == forward + backward + forward and calls[9:12] == backward
