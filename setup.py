@@ -14,11 +14,13 @@ import sys
 
 from setuptools import setup
 
-# GCC's generic tuning keeps AVX-512 code to 256-bit vectors; the kernels' AVX-512 clones
-# want the full width (the flag changes nothing on other targets).
+# GCC's generic tuning keeps AVX-512 code to 256-bit vectors; the kernels' AVX-512 build
+# wants the full width (the flag changes nothing on other targets).
 VECTOR_WIDTH = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
-SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/scored_decode_attention.cpp", "csrc/cpu/write_kv.cpp",
+SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/scored_decode_attention.cpp", "csrc/cpu/list_kernels_avx512.cpp",
+           "csrc/cpu/list_kernels_avx2.cpp", "csrc/cpu/list_kernels_generic.cpp", "csrc/cpu/write_kv.cpp",
            "csrc/cpu/compact_slots.cpp"]
+HEADERS = ["csrc/cpu/list_kernels.h", "csrc/cpu/list_kernels_body.h"]  # rebuilt on change; in the sdist
 
 
 def extensions():
@@ -30,10 +32,14 @@ def extensions():
         print("vllm-adaptive-kv: torch is not importable at build time: building without the C++ CPU "
               "kernels (pip install --no-build-isolation builds them)", file=sys.stderr)
         return {}
-    # -O3 and OpenMP SIMD pragmas; no -march: the same build must run on AVX2-only machines (the hot
-    # loops carry their own AVX-512 / AVX2 clones). Ninja, when installed, compiles the files in parallel.
-    ext = CppExtension("vllm_adaptive_kv._C", SOURCES, extra_compile_args=["-O3", "-fopenmp-simd", "-Wno-psabi", *VECTOR_WIDTH],
-                       optional=True)
+    # -O3; no -march: the same build must run on AVX2-only machines (the list kernels are built once
+    # per ISA, csrc/cpu/list_kernels.h). -fopenmp: at::parallel_for is a header template that runs
+    # its range on the calling thread alone unless the extension itself is compiled with OpenMP (it
+    # was, before: one core of two for every kernel here). Its libgomp.so.1 is the one torch has
+    # already loaded (same soname), so torch.set_num_threads governs these kernels too. Ninja,
+    # when installed, compiles the files in parallel.
+    ext = CppExtension("vllm_adaptive_kv._C", SOURCES, extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi", *VECTOR_WIDTH],
+                       extra_link_args=["-fopenmp"], depends=HEADERS, optional=True)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 

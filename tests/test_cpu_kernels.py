@@ -16,6 +16,20 @@ from vllm_adaptive_kv.cpu_kernels import scored_decode_attention, scored_decode_
 needs_kernels = pytest.mark.skipif(not cpu_kernels.HAS_CPU_KERNELS, reason="vllm_adaptive_kv._C is not built")
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+ISAS = ["avx512", "avx2", "generic"]  # every build of the list kernels (csrc/cpu/list_kernels.h)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test with this ISA's list kernels (skipped where the CPU or build has none)."""
+    if not cpu_kernels.HAS_CPU_KERNELS:
+        pytest.skip("vllm_adaptive_kv._C is not built")
+    if request.param not in cpu_kernels.cpu_isas():
+        pytest.skip(f"this CPU and build cannot run {request.param} (runs {cpu_kernels.cpu_isas()})")
+    before = cpu_kernels.cpu_isa()
+    cpu_kernels.cpu_isa(request.param)
+    yield request.param
+    cpu_kernels.cpu_isa(before)
 
 
 def random_case(seed: int, dtype, group: int, block_size: int = 32, head_dim: int = 64, num_pages: int = 3000):
@@ -49,6 +63,18 @@ def random_case(seed: int, dtype, group: int, block_size: int = 32, head_dim: in
                 kv_pages=kv, slot_pos=slot_pos, slot_score=slot_score, scale=1 / math.sqrt(head_dim))
 
 
+def assert_scores_close(got, want, dtype):
+    """Scores within 1e-5, except where a logit rounded to a 16-bit pool dtype fell on the other
+    side of a rounding boundary (the kernel's float32 dot and torch's add in different orders):
+    a step of one pool ulp in that logit: a few of the case's scored slots, each within 1e-3."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        return
+    off = ~torch.isclose(got, want, atol=1e-5, rtol=1e-5)
+    assert int(off.sum()) <= 8, f"{int(off.sum())} slots differ"
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
 def run(fn, case):
     case = dict(case, slot_score=case["slot_score"].clone())  # the one input the kernels write
     out = torch.full_like(case["q"], float("nan"))
@@ -61,7 +87,7 @@ def run(fn, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_scored_decode_attention_matches_reference(dtype, group, seed):
+def test_scored_decode_attention_matches_reference(dtype, group, seed, isa):
     case = random_case(seed, dtype, group)
     want_out, want_score = run(scored_decode_attention_reference, case)
     got_out, got_score = run(scored_decode_attention, case)
@@ -70,12 +96,12 @@ def test_scored_decode_attention_matches_reference(dtype, group, seed):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got_out[listed].float(), want_out[listed].float(), atol=tol, rtol=tol)
     assert torch.isnan(got_out[~listed].float()).all()  # rows of other lists are not touched
-    torch.testing.assert_close(got_score, want_score, atol=1e-5, rtol=1e-5)
+    assert_scores_close(got_score, want_score, dtype)
 
 
 @needs_kernels
 @pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 128), (64, 32), (48, 80)])
-def test_other_block_sizes_and_head_dims(block_size, head_dim):
+def test_other_block_sizes_and_head_dims(block_size, head_dim, isa):
     case = random_case(7, torch.float32, 2, block_size=block_size, head_dim=head_dim)
     want_out, want_score = run(scored_decode_attention_reference, case)
     got_out, got_score = run(scored_decode_attention, case)
@@ -119,8 +145,42 @@ def test_bad_arguments_name_what_is_wrong():
     bad_table["table"][case["row"][0], case["head"][0], 0] = 10 ** 6
     case_len = int(case["lens"][case["row"][0], case["head"][0]])
     if case_len:
+        score, out = bad_table["slot_score"].clone(), torch.zeros_like(case["q"])
         with pytest.raises(RuntimeError, match="page 0 is 1000000"):
-            run(scored_decode_attention, bad_table)
+            scored_decode_attention(*(bad_table[k] for k in ("q", "token", "row", "head", "table", "lens", "q_pos",
+                                                             "kv_pages", "slot_pos")), out, score, case["scale"])
+        # every page is checked before any list is attended: nothing was written
+        assert torch.equal(score, bad_table["slot_score"]) and not out.any()
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16, got Double"):
+        run(scored_decode_attention, dict(case, q=case["q"].double(), kv_pages=case["kv_pages"].double()))
+
+
+@needs_kernels
+def test_cpu_isa_refuses_a_name_it_cannot_run():
+    allowed = cpu_kernels.cpu_isas()
+    assert allowed[-1] == "generic" and cpu_kernels.cpu_isa() == allowed[0]  # the best, unless told otherwise
+    with pytest.raises(ValueError, match=r"'avx9'.*allowed: \['"):
+        cpu_kernels.cpu_isa("avx9")
+    with pytest.raises(RuntimeError, match="cpu_isa is 'avx9'.*allowed: " + allowed[0]):
+        torch.ops.adaptive_kv.cpu_isa("avx9")  # the op checks too
+    assert cpu_kernels.cpu_isa() == allowed[0]  # unchanged
+
+
+@needs_kernels
+def test_threads_take_lists_without_changing_results():
+    """Lists go to threads longest first, as each thread frees: one list's result is the same
+    whichever thread computes it, bit for bit, at any thread count."""
+    case = random_case(4, torch.bfloat16, 3)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(scored_decode_attention, case))
+    finally:
+        torch.set_num_threads(threads)
+    for out, score in results[1:]:
+        assert torch.equal(out.nan_to_num(), results[0][0].nan_to_num()) and torch.equal(score, results[0][1])
 
 
 def test_wrapper_says_how_to_build_when_missing(monkeypatch):
@@ -247,7 +307,7 @@ def run_rows(fn, case):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 3, 9])
-def test_score_rows_matches_reference(dtype, group):
+def test_score_rows_matches_reference(dtype, group, isa):
     from vllm_adaptive_kv.cpu_kernels import score_rows, score_rows_reference
 
     case = rows_case(group, dtype, group)

@@ -29,6 +29,12 @@
 //
 // Each list is written by one thread and appears once per call (one query token per
 // request), so the score adds need no atomics.
+//
+// The per-list kernels themselves are in list_kernels_body.h, built once per ISA
+// (list_kernels.h says why); this file checks the arguments, picks the ISA once, and
+// hands the lists to the threads, longest first, each thread taking the next list as
+// it finishes one (a static split left one thread with most of the long lists).
+
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,485 +42,113 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
+#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <limits>
+#include <cstdlib>
+#include <mutex>
+#include <numeric>
+#include <string>
 #include <vector>
+
+#include "list_kernels.h"
+
+// The pool dtypes the list kernels are built for (ListKernels' tables).
+#define AT_DISPATCH_CASE_POOL_DTYPES(...)             \
+  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)           \
+  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)        \
+  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
 
 namespace adaptive_kv {
 namespace {
 
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+// --- which ISA's kernels run ------------------------------------------------------------
 
-template <typename T>
-inline float to_float(T x) {
-  return static_cast<float>(x);
-}
-
-// A float32 logit as the pool's dtype rounds it (round to nearest even), back in float32.
-// bfloat16 by bit arithmetic (c10::BFloat16's rule, in a form the compiler vectorizes).
-template <typename T>
-inline float round_to_pool(float x) {
-  return static_cast<float>(static_cast<T>(x));
-}
-template <>
-inline float round_to_pool<float>(float x) {
-  return x;
-}
-template <>
-inline float round_to_pool<c10::BFloat16>(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  float y;
-  std::memcpy(&y, &u, sizeof(y));
-  return x != x ? x : y;  // NaN stays NaN
-}
-
-// exp(x) for x <= 0 (a logit minus a max), 0 for x < -87 and -inf. Cephes' expf: 2^n * e^r
-// with |r| <= ln(2) / 2 and a degree-6 polynomial, about 1 ulp; written without calls
-// so that loops over it vectorize (std::exp does not, without -ffast-math).
-// e^r for the reduced argument, |r| <= ln(2) / 2: the polynomial, shared by the scalar
-// and the vector form (V = float or Lanes; scalars broadcast in vector arithmetic).
-template <typename V>
-__attribute__((always_inline)) inline V exp_reduced(V r) {
-  V p = V{} + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  return p * r * r + r + 1.0f;
-}
-
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  const float e = exp_reduced(r);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : e * scale;
-}
-
-// Per-thread scratch, grown on demand and kept: no allocation once warm.
-struct Scratch {
-  std::vector<float> q;        // [G, D]      the list's queries in float32
-  std::vector<float> logits;   // [G, S]      logits, then exp(logit - the block's reference max)
-  std::vector<float> ref_max;  // [G, pages]  the running max each block's exps are relative to
-  std::vector<float> acc;      // [G, D]      output accumulator (online softmax)
-
-  void reserve(int64_t group, int64_t head_dim, int64_t slots, int64_t pages) {
-    q.resize(group * head_dim);
-    logits.resize(std::max<int64_t>(1, group * slots));
-    ref_max.resize(std::max<int64_t>(1, group * pages));
-    acc.resize(group * head_dim);
-  }
-};
-
-Scratch& thread_scratch() {
-  static thread_local Scratch scratch;
-  return scratch;
-}
-
-struct Args {
-  int64_t group, head_dim, block_size, width, num_pages;
-  int64_t q_st, q_sh, out_st, out_sh;  // token / head strides of q and out
-  int64_t table_sr, table_sh, table_sw, lens_sr, lens_sh;
-  int64_t kv_sp, kv_sk;  // page and kind (K / V) strides of kv_pages
-  int64_t pos_sp, score_sp;
-  float scale;
-};
-
-// Hot loops are compiled for AVX-512, AVX2 and the baseline, picked at load time
-// (GCC function multi-versioning), so one build runs well on every x86-64 machine.
+// The tables this build holds that this CPU can run, best first.
+std::vector<const ListKernels*> runnable_kernels() {
+  std::vector<const ListKernels*> tables;
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ADAPTIVE_KV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ADAPTIVE_KV_CLONES
+  __builtin_cpu_init();
+  if (list_kernels_avx512() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    tables.push_back(list_kernels_avx512());
+  if (list_kernels_avx2() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    tables.push_back(list_kernels_avx2());
 #endif
-
-constexpr int64_t LANES = 16;  // floats of a register-sized chunk
-constexpr int MAX_GROUP = 8;   // query heads per kv head handled together (more: one at a time)
-
-// Pages are scattered over the pool: fetch the next one while this one is computed.
-inline void prefetch_page(const void* block, int64_t bytes) {
-  const char* p = static_cast<const char*>(block);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+  tables.push_back(list_kernels_generic());
+  return tables;
 }
 
-// A register-sized chunk of LANES floats as a GCC vector: one zmm in the AVX-512 clones,
-// two ymm / four xmm in the others. Loads convert from the pool's dtype; explicit vectors
-// keep the conversion in registers (auto-vectorized, it went through the stack and
-// stalled on store forwarding).
-typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));
-typedef uint32_t LanesU32 __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef uint16_t LanesU16 __attribute__((vector_size(LANES * sizeof(uint16_t))));
-
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline Lanes load_lanes(const c10::BFloat16* p) {  // bfloat16 -> float32: the bits, shifted up
-  LanesU16 raw;
-  std::memcpy(&raw, p, sizeof(raw));
-  const LanesU32 bits = __builtin_convertvector(raw, LanesU32) << 16;
-  Lanes v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-template <typename T>
-inline Lanes load_lanes(const T* p) {  // other dtypes (float16): element by element
-  float tmp[LANES];
-  for (int64_t i = 0; i < LANES; ++i) tmp[i] = to_float(p[i]);
-  return load_lanes(tmp);
-}
-inline void store_lanes(float* p, Lanes v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-inline float sum_lanes(Lanes v) {  // lane 0 first, as a loop over the lanes would
-  float sum = 0.f;
-  for (int64_t i = 0; i < LANES; ++i) sum += v[i];
-  return sum;
+std::string isa_names(const std::vector<const ListKernels*>& tables) {
+  std::string names;
+  for (const ListKernels* t : tables) names += (names.empty() ? "" : ", ") + std::string(t->isa);
+  return names;
 }
 
-typedef int32_t LanesI32 __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-// exp_nonpositive on a register-sized chunk, step for step (floor included: truncate,
-// then step down where truncation rounded up), so each lane equals the scalar result.
-// Written with vector types because GCC left the scalar form unvectorized (the
-// profile showed exp_shifted's scalar loop as a quarter of score_rows' time).
-__attribute__((always_inline)) inline Lanes exp_nonpositive(Lanes x) {  // inlined: built for each clone's ISA
-  const Lanes zero = {}, lowest = zero - 87.0f;
-  const Lanes clamped = x < lowest ? lowest : x;
-  const Lanes t = clamped * 1.44269504088896341f + 0.5f;
-  Lanes n = __builtin_convertvector(__builtin_convertvector(t, LanesI32), Lanes);
-  n = n > t ? n - 1.0f : n;
-  const Lanes r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  const Lanes e = exp_reduced(r);
-  const LanesI32 bits = (__builtin_convertvector(n, LanesI32) + 127) << 23;
-  Lanes scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lowest ? zero : e * scale;
+const ListKernels* runnable_by_name(const std::string& name, const char* source) {
+  for (const ListKernels* t : runnable_kernels())
+    if (name == t->isa) return t;
+  TORCH_CHECK(false, "adaptive_kv: ", source, " is '", name, "', which this CPU and build cannot run; allowed: ",
+              isa_names(runnable_kernels()));
+  return nullptr;
 }
 
-// logits[g * stride + s] = sum_d q[g * D + d] * k[d * bs + s] for the G queries and the
-// bs slots of a K block stored [D, bs]: each K element is converted once and used G times,
-// LANES slots per register.
-template <typename T, int G>
-ADAPTIVE_KV_CLONES void block_dots(const float* q, const T* k, int64_t head_dim, int64_t bs, float* logits,
-                                   int64_t stride) {
-  int64_t s0 = 0;
-  for (; s0 + LANES <= bs; s0 += LANES) {
-    Lanes acc[G] = {};
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const Lanes kd = load_lanes(k + d * bs + s0);
-      for (int g = 0; g < G; ++g) acc[g] += q[g * head_dim + d] * kd;
-    }
-    for (int g = 0; g < G; ++g) store_lanes(logits + g * stride + s0, acc[g]);
+std::mutex isa_mutex;
+std::atomic<const ListKernels*> current_kernels{nullptr};
+
+// The table in use: VLLM_ADAPTIVE_KV_CPU_ISA when set, else the best one runnable.
+const ListKernels& kernels() {
+  const ListKernels* k = current_kernels.load(std::memory_order_acquire);
+  if (k) return *k;
+  std::lock_guard<std::mutex> lock(isa_mutex);
+  k = current_kernels.load();
+  if (!k) {
+    const char* env = std::getenv("VLLM_ADAPTIVE_KV_CPU_ISA");
+    k = env && *env ? runnable_by_name(env, "VLLM_ADAPTIVE_KV_CPU_ISA") : runnable_kernels().front();
+    current_kernels.store(k, std::memory_order_release);
   }
-  for (int64_t s = s0; s < bs; ++s)
-    for (int g = 0; g < G; ++g) {
-      float acc = 0.f;
-      for (int64_t d = 0; d < head_dim; ++d) acc += q[g * head_dim + d] * to_float(k[d * bs + s]);
-      logits[g * stride + s] = acc;
-    }
+  return *k;
 }
 
-// Scaled, masked logits of one block in place: slot s is visible iff s < valid and
-// pos[s] <= q_pos. Returns the block's largest logit (-inf when none is visible).
-// Register-sized chunks with a fixed trip count: a loop over bs itself gets peeled for
-// alignment, and at bs = 32 the scalar peel is most of the work.
-template <typename T>
-ADAPTIVE_KV_CLONES float mask_logits(float* logits, const int32_t* pos, int64_t bs, int64_t valid, int32_t q_pos,
-                                     float scale) {
-  float best[LANES];
-  for (int64_t i = 0; i < LANES; ++i) best[i] = NEG_INF;
-  int64_t s0 = 0;
-  for (; s0 + LANES <= bs; s0 += LANES) {
-#pragma omp simd
-    for (int64_t i = 0; i < LANES; ++i) {
-      const int64_t s = s0 + i;
-      const bool visible = s < valid && pos[s] <= q_pos;
-      const float logit = visible ? round_to_pool<T>(logits[s]) * scale : NEG_INF;
-      logits[s] = logit;
-      best[i] = std::max(best[i], logit);
+// --- lists to threads -------------------------------------------------------------------
+
+// fn(i) for every list i < n, on all threads: longest list first (pages = work), each
+// thread taking the next as it finishes one. Per-thread buffers: no allocation once warm.
+template <typename Fn>
+void for_each_list(int64_t n, const int64_t* pages, const Fn& fn) {
+  static thread_local std::vector<int64_t> order;
+  order.resize(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return pages[x] > pages[y]; });
+  std::atomic<int64_t> next{0};
+  const int64_t* ids = order.data();
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(ids[i]);
+  });
+}
+
+// Each list's page count, every page id checked against the pool before a kernel runs.
+const int64_t* checked_pages(const char* op, const ListArgs& a, int64_t n, const int64_t* row, const int64_t* head,
+                             const int32_t* table, const int32_t* lens) {
+  static thread_local std::vector<int64_t> pages;
+  pages.resize(n);
+  const int64_t bs = a.block_size;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = row[i], h = head[i];
+    const int64_t len = std::max<int64_t>(0, std::min<int64_t>(lens[r * a.lens_sr + h * a.lens_sh], a.width * bs));
+    pages[i] = (len + bs - 1) / bs;
+    const int32_t* ids = table + r * a.table_sr + h * a.table_sh;
+    for (int64_t j = 0; j < pages[i]; ++j) {
+      const int64_t p = ids[j * a.table_sw];
+      TORCH_CHECK(p >= 0 && p < a.num_pages, op, ": list (row ", r, ", head ", h, ") holds ", len,
+                  " slots but its page ", j, " is ", p, " (pool of ", a.num_pages, " pages)");
     }
   }
-  float result = NEG_INF;
-  for (int64_t i = 0; i < LANES; ++i) result = std::max(result, best[i]);
-  for (int64_t s = s0; s < bs; ++s) {
-    const bool visible = s < valid && pos[s] <= q_pos;
-    logits[s] = visible ? round_to_pool<T>(logits[s]) * scale : NEG_INF;
-    result = std::max(result, logits[s]);
-  }
-  return result;
+  return pages.data();
 }
 
-// x[s] = exp(x[s] - max), s < n, in place; returns their sum (invisible slots: exact 0).
-// Register-sized chunks, as in mask_logits.
-ADAPTIVE_KV_CLONES float exp_shifted(float* x, int64_t n, float max) {
-  Lanes sums = {};
-  int64_t s0 = 0;
-  for (; s0 + LANES <= n; s0 += LANES) {
-    const Lanes e = exp_nonpositive(load_lanes(x + s0) - max);
-    store_lanes(x + s0, e);
-    sums += e;
-  }
-  float sum = sum_lanes(sums);
-  for (int64_t s = s0; s < n; ++s) {
-    x[s] = exp_nonpositive(x[s] - max);
-    sum += x[s];
-  }
-  return sum;
-}
-
-// acc[g * D + d] += sum_s p[g * stride + s] * v[s * D + d], s < valid: the block's
-// probabilities times its V rows ([bs, D]) for the G heads; each V element is converted
-// once and used G times. A slot no head sees is skipped: a slot past the list may hold
-// anything (NaN included).
-template <typename T, int G>
-ADAPTIVE_KV_CLONES void block_weighted_sum(const float* p, int64_t stride, const T* v, int64_t valid,
-                                           int64_t head_dim, float* acc) {
-  int64_t d0 = 0;
-  for (; d0 + LANES <= head_dim; d0 += LANES) {
-    Lanes sum[G];
-    for (int g = 0; g < G; ++g) sum[g] = load_lanes(acc + g * head_dim + d0);
-    for (int64_t s = 0; s < valid; ++s) {
-      bool seen = false;
-      for (int g = 0; g < G; ++g) seen |= p[g * stride + s] != 0.f;
-      if (!seen) continue;
-      const Lanes vs = load_lanes(v + s * head_dim + d0);
-      for (int g = 0; g < G; ++g) sum[g] += p[g * stride + s] * vs;
-    }
-    for (int g = 0; g < G; ++g) store_lanes(acc + g * head_dim + d0, sum[g]);
-  }
-  for (int64_t d = d0; d < head_dim; ++d)
-    for (int64_t s = 0; s < valid; ++s)
-      for (int g = 0; g < G; ++g)
-        if (p[g * stride + s] != 0.f) acc[g * head_dim + d] += p[g * stride + s] * to_float(v[s * head_dim + d]);
-}
-
-// score[s] += sum_g factor[g] * e[g * stride + s], s < valid: one block's probabilities
-// (its exps times exp(reference max - final max) / sum) summed over the group
-ADAPTIVE_KV_CLONES void add_block_scores(float* score, const float* e, int64_t stride, const float* factor,
-                                         int64_t group, int64_t valid) {
-  int64_t s0 = 0;
-  for (; s0 + LANES <= valid; s0 += LANES) {
-    float col[LANES] = {};
-    for (int64_t g = 0; g < group; ++g) {
-      const float f = factor[g];
-      const float* eg = e + g * stride + s0;
-#pragma omp simd
-      for (int64_t i = 0; i < LANES; ++i) col[i] += f * eg[i];
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < LANES; ++i) score[s0 + i] += col[i];
-  }
-  for (int64_t s = s0; s < valid; ++s) {
-    float col = 0.f;
-    for (int64_t g = 0; g < group; ++g) col += factor[g] * e[g * stride + s];
-    score[s] += col;
-  }
-}
-
-// Heads g0 .. g0 + G of one list: logits (kept), online softmax of the output, scores.
-// The list's pages are walked once, K block then V block (adjacent in a page).
-template <typename T, int G>
-void attend_heads(const Args& a, Scratch& w, int64_t g0, const T* kv, const int32_t* slot_pos,
-                  const int32_t* page_ids, int64_t pages, int64_t len, int32_t q_pos, float* slot_score) {
-  const int64_t D = a.head_dim, bs = a.block_size, S = pages * bs;
-  const float* q = w.q.data() + g0 * D;
-  float* logits = w.logits.data() + g0 * S;
-  float* ref_max = w.ref_max.data() + g0 * pages;
-  float* acc = w.acc.data() + g0 * D;
-  float running_max[G], running_sum[G];
-  for (int g = 0; g < G; ++g) running_max[g] = NEG_INF, running_sum[g] = 0.f;
-  const int64_t page_bytes = 2 * bs * D * static_cast<int64_t>(sizeof(T));  // K block then V block
-  for (int64_t j = 0; j < pages; ++j) {
-    const int64_t p = page_ids[j * a.table_sw];
-    if (j + 1 < pages) prefetch_page(kv + page_ids[(j + 1) * a.table_sw] * a.kv_sp, page_bytes);
-    const T* block = kv + p * a.kv_sp;
-    const int64_t first = j * bs, valid = std::min(bs, len - first);
-    block_dots<T, G>(q, block, D, bs, logits + first, S);
-    for (int g = 0; g < G; ++g) {
-      float* row = logits + g * S + first;
-      const float block_max = mask_logits<T>(row, slot_pos + p * a.pos_sp, bs, valid, q_pos, a.scale);
-      if (block_max == NEG_INF) {  // nothing visible to this head here
-        std::fill(row, row + bs, 0.f);
-        ref_max[g * pages + j] = NEG_INF;
-        continue;
-      }
-      const float new_max = std::max(running_max[g], block_max);
-      if (new_max > running_max[g] && running_max[g] != NEG_INF) {  // rescale what came before
-        const float alpha = exp_nonpositive(running_max[g] - new_max);
-        for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= alpha;
-        running_sum[g] *= alpha;
-      }
-      running_max[g] = new_max;
-      ref_max[g * pages + j] = new_max;
-      running_sum[g] += exp_shifted(row, valid, new_max);
-      std::fill(row + valid, row + bs, 0.f);
-    }
-    block_weighted_sum<T, G>(logits + first, S, block + a.kv_sk, valid, D, acc);
-  }
-  // scores: the block's exps times exp(its reference max - the final max) / the sum
-  float factor[G];
-  for (int64_t j = 0; j < pages; ++j) {
-    for (int g = 0; g < G; ++g)
-      factor[g] = ref_max[g * pages + j] == NEG_INF
-                      ? 0.f
-                      : exp_nonpositive(ref_max[g * pages + j] - running_max[g]) / running_sum[g];
-    add_block_scores(slot_score + page_ids[j * a.table_sw] * a.score_sp, logits + j * bs, S, factor, G,
-                     std::min(bs, len - j * bs));
-  }
-  for (int g = 0; g < G; ++g) {  // a head that saw nothing keeps zeros, like the reference
-    const float inv = running_sum[g] > 0.f ? 1.f / running_sum[g] : 0.f;
-    for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv;
-  }
-}
-
-template <typename T>
-void attend_heads_dispatch(int group, const Args& a, Scratch& w, int64_t g0, const T* kv, const int32_t* slot_pos,
-                           const int32_t* page_ids, int64_t pages, int64_t len, int32_t q_pos, float* slot_score) {
-  switch (group) {
-#define ADAPTIVE_KV_GROUP(N) \
-  case N:                    \
-    return attend_heads<T, N>(a, w, g0, kv, slot_pos, page_ids, pages, len, q_pos, slot_score);
-    ADAPTIVE_KV_GROUP(1)
-    ADAPTIVE_KV_GROUP(2)
-    ADAPTIVE_KV_GROUP(3)
-    ADAPTIVE_KV_GROUP(4)
-    ADAPTIVE_KV_GROUP(5)
-    ADAPTIVE_KV_GROUP(6)
-    ADAPTIVE_KV_GROUP(7)
-    ADAPTIVE_KV_GROUP(8)
-#undef ADAPTIVE_KV_GROUP
-    default:
-      TORCH_CHECK(false, "scored_decode_attention: internal error, group ", group);
-  }
-}
-
-// Attention and scores of list n.
-template <typename T>
-void attend_list(const Args& a, int64_t n, const T* q, const int64_t* token, const int64_t* row,
-                 const int64_t* head, const int32_t* table, const int32_t* lens, const int32_t* q_pos,
-                 const T* kv, const int32_t* slot_pos, T* out, float* slot_score) {
-  const int64_t G = a.group, D = a.head_dim, bs = a.block_size;
-  const int64_t t = token[n], r = row[n], h = head[n];
-  int64_t len = lens[r * a.lens_sr + h * a.lens_sh];
-  len = std::max<int64_t>(0, std::min(len, a.width * bs));
-  const int64_t pages = (len + bs - 1) / bs;
-  const int32_t* page_ids = table + r * a.table_sr + h * a.table_sh;
-  for (int64_t j = 0; j < pages; ++j) {
-    const int64_t p = page_ids[j * a.table_sw];
-    TORCH_CHECK(p >= 0 && p < a.num_pages, "scored_decode_attention: list (row ", r, ", head ", h, ") holds ", len,
-                " slots but its page ", j, " is ", p, " (pool of ", a.num_pages, " pages)");
-  }
-  Scratch& w = thread_scratch();
-  w.reserve(G, D, pages * bs, pages);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) w.q[g * D + d] = to_float(q[t * a.q_st + (h * G + g) * a.q_sh + d]);
-  std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  for (int64_t g0 = 0; g0 < G; g0 += MAX_GROUP)  // one pass for up to MAX_GROUP heads
-    attend_heads_dispatch<T>(static_cast<int>(std::min<int64_t>(MAX_GROUP, G - g0)), a, w, g0, kv, slot_pos,
-                             page_ids, pages, len, q_pos[t], slot_score);
-  for (int64_t g = 0; g < G; ++g) {
-    T* o = out + t * a.out_st + (h * G + g) * a.out_sh;
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(w.acc[g * D + d]);
-  }
-}
-
-// logits[i, :] for `rows` query rows (back to back, head_dim floats each) against one K
-// block: block_dots for up to MAX_GROUP rows at a time.
-template <typename T>
-void token_block_dots(int64_t rows, const float* q, const T* block, int64_t head_dim, int64_t bs, float* logits,
-                      int64_t stride) {
-  for (int64_t g0 = 0; g0 < rows; g0 += MAX_GROUP) {
-    const float* qg = q + g0 * head_dim;
-    float* out = logits + g0 * stride;
-    switch (std::min<int64_t>(MAX_GROUP, rows - g0)) {
-#define ADAPTIVE_KV_DOTS(N) \
-  case N:                   \
-    block_dots<T, N>(qg, block, head_dim, bs, out, stride); \
-    break;
-      ADAPTIVE_KV_DOTS(1)
-      ADAPTIVE_KV_DOTS(2)
-      ADAPTIVE_KV_DOTS(3)
-      ADAPTIVE_KV_DOTS(4)
-      ADAPTIVE_KV_DOTS(5)
-      ADAPTIVE_KV_DOTS(6)
-      ADAPTIVE_KV_DOTS(7)
-      ADAPTIVE_KV_DOTS(8)
-#undef ADAPTIVE_KV_DOTS
-    }
-  }
-}
-
-// Scores of the observation rows of list n: tokens first[n] .. first[n] + count[n] - 1
-// of one request, each with its G query heads, over the list (row[n], head[n]). Float32
-// logits (the reference's rule for multi-token rows: no rounding to the pool's dtype),
-// causal by position; every row's softmax summed into the slots' scores. The output is
-// vLLM's kernel's business: this only scores.
-template <typename T>
-void score_list_rows(const Args& a, int64_t n, const T* q, const int64_t* first, const int64_t* count,
-                     const int64_t* row, const int64_t* head, const int32_t* table, const int32_t* lens,
-                     const int32_t* q_pos, const T* kv, const int32_t* slot_pos, float* slot_score) {
-  const int64_t G = a.group, D = a.head_dim, bs = a.block_size;
-  const int64_t r = row[n], h = head[n], t0 = first[n], tokens = count[n];
-  int64_t len = lens[r * a.lens_sr + h * a.lens_sh];
-  len = std::max<int64_t>(0, std::min(len, a.width * bs));
-  const int64_t pages = (len + bs - 1) / bs, S = pages * bs, rows = tokens * G;
-  if (pages == 0 || tokens <= 0) return;
-  const int32_t* page_ids = table + r * a.table_sr + h * a.table_sh;
-  for (int64_t j = 0; j < pages; ++j) {
-    const int64_t p = page_ids[j * a.table_sw];
-    TORCH_CHECK(p >= 0 && p < a.num_pages, "score_rows: list (row ", r, ", head ", h, ") holds ", len,
-                " slots but its page ", j, " is ", p, " (pool of ", a.num_pages, " pages)");
-  }
-  Scratch& w = thread_scratch();
-  w.q.resize(rows * D);
-  w.logits.resize(rows * S);
-  w.ref_max.resize(2 * rows);  // per row: max, then the factor 1 / sum
-  for (int64_t k = 0; k < tokens; ++k)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t d = 0; d < D; ++d)
-        w.q[(k * G + g) * D + d] = to_float(q[(t0 + k) * a.q_st + (h * G + g) * a.q_sh + d]);
-  float* row_max = w.ref_max.data();
-  std::fill(row_max, row_max + rows, NEG_INF);
-  for (int64_t j = 0; j < pages; ++j) {
-    const int64_t p = page_ids[j * a.table_sw];
-    if (j + 1 < pages) prefetch_page(kv + page_ids[(j + 1) * a.table_sw] * a.kv_sp, bs * D * sizeof(T));
-    const T* block = kv + p * a.kv_sp;
-    const int64_t valid = std::min(bs, len - j * bs);
-    // Every row of every token against this block, MAX_GROUP rows per K load: the rows
-    // are [tokens * G, D] back to back, so a tile may span tokens (3 heads a token made
-    // each bf16 K conversion feed only 3 FMAs; a tile of 8 feeds 8).
-    token_block_dots<T>(rows, w.q.data(), block, D, bs, w.logits.data() + j * bs, S);
-    for (int64_t k = 0; k < tokens; ++k)
-      for (int64_t g = 0; g < G; ++g) {
-        float* logits = w.logits.data() + (k * G + g) * S + j * bs;
-        row_max[k * G + g] = std::max(row_max[k * G + g], mask_logits<float>(logits, slot_pos + p * a.pos_sp, bs,
-                                                                               valid, q_pos[t0 + k], a.scale));
-      }
-  }
-  float* factor = w.ref_max.data() + rows;
-  for (int64_t i = 0; i < rows; ++i) {  // a row that sees nothing adds nothing
-    float* l = w.logits.data() + i * S;
-    if (row_max[i] == NEG_INF) {
-      std::fill(l, l + S, 0.f);
-      factor[i] = 0.f;
-      continue;
-    }
-    factor[i] = 1.f / exp_shifted(l, S, row_max[i]);
-  }
-  for (int64_t j = 0; j < pages; ++j)
-    add_block_scores(slot_score + page_ids[j * a.table_sw] * a.score_sp, w.logits.data() + j * bs, S, factor, rows,
-                     std::min(bs, len - j * bs));
-}
+// --- argument checks --------------------------------------------------------------------
 
 void check_index(const at::Tensor& x, const char* name, int64_t n) {
   TORCH_CHECK(x.dim() == 1 && x.numel() == n && x.scalar_type() == at::kLong && x.is_contiguous(),
@@ -524,7 +158,7 @@ void check_index(const at::Tensor& x, const char* name, int64_t n) {
 
 
 // Checks shared by the ops; the Args of a call. `op` names the op in the errors.
-Args checked_args(const char* op, const at::Tensor& q, const at::Tensor& table, const at::Tensor& lens,
+ListArgs checked_args(const char* op, const at::Tensor& q, const at::Tensor& table, const at::Tensor& lens,
                   const at::Tensor& q_pos, const at::Tensor& kv_pages, const at::Tensor& slot_pos,
                   const at::Tensor& slot_score, const at::Tensor& out, double scale) {
   const at::Tensor* all[] = {&q, &table, &lens, &q_pos, &kv_pages, &slot_pos, &slot_score, &out};
@@ -539,6 +173,9 @@ Args checked_args(const char* op, const at::Tensor& q, const at::Tensor& table, 
   TORCH_CHECK(q.dim() == 3 && q.size(2) == D && q.stride(2) == 1 && q.scalar_type() == kv_pages.scalar_type(), op,
               ": q must be [T, Hq, ", D, "] ", kv_pages.scalar_type(), " with a contiguous last dim, got ", q.sizes(),
               " ", q.scalar_type());
+  const at::ScalarType dtype = kv_pages.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": kv_pages must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1 && out.scalar_type() == q.scalar_type(), op,
               ": out must match q (", q.sizes(), "), got ", out.sizes());
   TORCH_CHECK(table.dim() == 3 && table.scalar_type() == at::kInt, op, ": table must be [R, H, W] int32, got ",
@@ -557,7 +194,7 @@ Args checked_args(const char* op, const at::Tensor& q, const at::Tensor& table, 
                 ": slot_pos / slot_score must be [", num_pages, ", ", bs, "] with contiguous rows, got ", x->sizes());
   TORCH_CHECK(slot_pos.scalar_type() == at::kInt && slot_score.scalar_type() == at::kFloat, op,
               ": slot_pos must be int32 and slot_score float32");
-  Args a;
+  ListArgs a;
   a.group = q.size(1) / num_heads;
   a.head_dim = D;
   a.block_size = bs;
@@ -590,7 +227,7 @@ void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const
                              const at::Tensor& head, const at::Tensor& table, const at::Tensor& lens,
                              const at::Tensor& q_pos, const at::Tensor& kv_pages, const at::Tensor& slot_pos,
                              at::Tensor& out, at::Tensor& slot_score, double scale) {
-  const Args a = checked_args("scored_decode_attention", q, table, lens, q_pos, kv_pages, slot_pos, slot_score, out,
+  const ListArgs a = checked_args("scored_decode_attention", q, table, lens, q_pos, kv_pages, slot_pos, slot_score, out,
                               scale);
   const int64_t n = token.numel();
   check_index(token, "token", n);
@@ -602,7 +239,7 @@ void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const
   if (n == 0) return;
   const int64_t* rows = row.data_ptr<int64_t>();
   const int64_t* heads = head.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scored_decode_attention", [&] {
+  AT_DISPATCH_SWITCH(q.scalar_type(), "scored_decode_attention", AT_DISPATCH_CASE_POOL_DTYPES([&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kv = kv_pages.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -611,17 +248,16 @@ void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const
     const int32_t* qpos = q_pos.data_ptr<int32_t>();
     const int32_t* spos = slot_pos.data_ptr<int32_t>();
     float* score = slot_score.data_ptr<float>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        attend_list<scalar_t>(a, i, qp, tok, rows, heads, tab, ln, qpos, kv, spos, o, score);
-    });
-  });
+    const int64_t* pages = checked_pages("scored_decode_attention", a, n, rows, heads, tab, ln);
+    const AttendListFn<scalar_t> attend = kernels().of<scalar_t>().attend_list;
+    for_each_list(n, pages, [&](int64_t i) { attend(a, i, qp, tok, rows, heads, tab, ln, qpos, kv, spos, o, score); });
+  }));
 }
 
 void score_rows(const at::Tensor& q, const at::Tensor& first, const at::Tensor& count, const at::Tensor& row,
                 const at::Tensor& head, const at::Tensor& table, const at::Tensor& lens, const at::Tensor& q_pos,
                 const at::Tensor& kv_pages, const at::Tensor& slot_pos, at::Tensor& slot_score, double scale) {
-  const Args a = checked_args("score_rows", q, table, lens, q_pos, kv_pages, slot_pos, slot_score, q, scale);
+  const ListArgs a = checked_args("score_rows", q, table, lens, q_pos, kv_pages, slot_pos, slot_score, q, scale);
   const int64_t n = first.numel();
   check_index(first, "first", n);
   check_index(count, "count", n);
@@ -634,7 +270,7 @@ void score_rows(const at::Tensor& q, const at::Tensor& first, const at::Tensor& 
   if (n == 0) return;
   const int64_t* rows = row.data_ptr<int64_t>();
   const int64_t* heads = head.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "score_rows", [&] {
+  AT_DISPATCH_SWITCH(q.scalar_type(), "score_rows", AT_DISPATCH_CASE_POOL_DTYPES([&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kv = kv_pages.data_ptr<scalar_t>();
     const int32_t* tab = table.data_ptr<int32_t>();
@@ -642,11 +278,36 @@ void score_rows(const at::Tensor& q, const at::Tensor& first, const at::Tensor& 
     const int32_t* qpos = q_pos.data_ptr<int32_t>();
     const int32_t* spos = slot_pos.data_ptr<int32_t>();
     float* score = slot_score.data_ptr<float>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        score_list_rows<scalar_t>(a, i, qp, firsts, counts, rows, heads, tab, ln, qpos, kv, spos, score);
+    const int64_t* pages = checked_pages("score_rows", a, n, rows, heads, tab, ln);
+    static thread_local std::vector<int64_t> work;  // pages x rows: what a list costs
+    work.resize(n);
+    for (int64_t i = 0; i < n; ++i) work[i] = pages[i] * counts[i];
+    const ScoreListRowsFn<scalar_t> score_list = kernels().of<scalar_t>().score_list_rows;
+    for_each_list(n, work.data(), [&](int64_t i) {
+      score_list(a, i, qp, firsts, counts, rows, heads, tab, ln, qpos, kv, spos, score);
     });
-  });
+  }));
+}
+
+// The ISA whose kernels run; `name` non-empty switches to it first (one this CPU and build
+// can run: "avx512", "avx2" or "generic"). For tests and benchmarks of each build.
+std::string cpu_isa(const std::string& name) {
+  if (!name.empty()) {
+    const ListKernels* k = runnable_by_name(name, "cpu_isa");
+    std::lock_guard<std::mutex> lock(isa_mutex);
+    current_kernels.store(k, std::memory_order_release);
+  }
+  return kernels().isa;
+}
+
+// The ISAs this CPU and build can run, best first, comma-separated.
+std::string cpu_isas() {
+  return isa_names(runnable_kernels());
+}
+
+TORCH_LIBRARY_FRAGMENT(adaptive_kv, m) {
+  m.def("cpu_isa(str name=\"\") -> str", &cpu_isa);
+  m.def("cpu_isas() -> str", &cpu_isas);
 }
 
 TORCH_LIBRARY_IMPL(adaptive_kv, CPU, m) {

@@ -15,9 +15,16 @@ use the torch path; the reference here is also the kernels' test oracle.
                               (reference: ``triton_kernels.write_kv.write_kv_reference``)
     compact_slots             a compaction plan's slot moves
                               (reference: ``triton_kernels.compaction.compact_slots_reference``)
+
+The list kernels (``scored_decode_attention``, ``score_rows``) are built once per ISA
+(AVX-512, AVX2 with FMA, the baseline) and the best one the CPU runs is used;
+``VLLM_ADAPTIVE_KV_CPU_ISA`` (checked at import) or ``cpu_isa(name)`` picks another
+(``cpu_isas()`` lists those this CPU and build can run).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -30,11 +37,40 @@ try:
 except ImportError:  # not built: the torch paths run instead
     HAS_CPU_KERNELS = False
 
-__all__ = ["HAS_CPU_KERNELS", "compact_slots", "score_rows", "score_rows_reference", "scored_decode_attention",
+__all__ = ["HAS_CPU_KERNELS", "compact_slots", "cpu_isa", "cpu_isas", "score_rows", "score_rows_reference", "scored_decode_attention",
            "scored_decode_attention_reference", "write_kv"]
 
 NOT_BUILT = ("vllm_adaptive_kv._C is not built (make setup builds it, or pip install --no-build-isolation -e .); "
              "use the torch reference")
+ISA_ENV = "VLLM_ADAPTIVE_KV_CPU_ISA"
+
+
+def cpu_isas() -> list[str]:
+    """The ISAs whose list kernels this CPU and build can run, best first ("avx512", "avx2", "generic")."""
+    if not HAS_CPU_KERNELS:
+        raise RuntimeError(NOT_BUILT)
+    return torch.ops.adaptive_kv.cpu_isas().split(", ")
+
+
+def cpu_isa(name: str | None = None) -> str:
+    """The ISA whose list kernels run; with ``name``, switch to it first (one of ``cpu_isas()``,
+    else ValueError naming it and those allowed)."""
+    if not HAS_CPU_KERNELS:
+        raise RuntimeError(NOT_BUILT)
+    if name is not None and name not in cpu_isas():
+        raise ValueError(f"cpu_isa: {name!r} is not an ISA this CPU and build can run; allowed: {cpu_isas()}")
+    return torch.ops.adaptive_kv.cpu_isa(name or "")
+
+
+def _check_isa_env() -> None:
+    """Fail at start-up, not at the first decode step, on a bad VLLM_ADAPTIVE_KV_CPU_ISA."""
+    name = os.environ.get(ISA_ENV)
+    if HAS_CPU_KERNELS and name and name not in cpu_isas():
+        raise ValueError(f"{ISA_ENV}={name!r} is not an ISA this CPU and build can run; allowed: {cpu_isas()} "
+                         f"(unset it to use the best)")
+
+
+_check_isa_env()
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
