@@ -103,8 +103,8 @@ inline void prefetch_page(const void* block, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
 }
 
-// A register-sized chunk of LANES floats as a GCC vector: one zmm in the AVX-512 clones,
-// two ymm / four xmm in the others. Loads convert from the pool's dtype; explicit vectors
+// A register-sized chunk of LANES floats as a GCC vector: one zmm, ymm or xmm in the
+// AVX-512, AVX2 and baseline builds. Loads convert from the pool's dtype; explicit vectors
 // keep the conversion in registers (auto-vectorized, it went through the stack and
 // stalled on store forwarding).
 typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));
@@ -142,10 +142,11 @@ inline float sum_lanes(Lanes v) {  // lane 0 first, as a loop over the lanes wou
 typedef int32_t LanesI32 __attribute__((vector_size(LANES * sizeof(int32_t))));
 
 // exp_nonpositive on a register-sized chunk, step for step (floor included: truncate,
-// then step down where truncation rounded up), so each lane equals the scalar result.
+// then step down where truncation rounded up), so each lane equals the scalar result
+// (up to FMA contraction, which the ISA may apply to either).
 // Written with vector types because GCC left the scalar form unvectorized (the
 // profile showed exp_shifted's scalar loop as a quarter of score_rows' time).
-__attribute__((always_inline)) inline Lanes exp_nonpositive(Lanes x) {  // inlined: built for each clone's ISA
+__attribute__((always_inline)) inline Lanes exp_nonpositive(Lanes x) {
   const Lanes zero = {}, lowest = zero - 87.0f;
   const Lanes clamped = x < lowest ? lowest : x;
   const Lanes t = clamped * 1.44269504088896341f + 0.5f;

@@ -33,8 +33,8 @@
 // The per-list kernels themselves are in list_kernels_body.h, built once per ISA
 // (list_kernels.h says why); this file checks the arguments, picks the ISA once, and
 // hands the lists to the threads, longest first, each thread taking the next list as
-// it finishes one (a static split left one thread with most of the long lists).
-
+// it finishes one (a static split of ragged lists leaves one thread idle while the other
+// finishes its long ones).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -53,7 +53,7 @@
 #include "list_kernels.h"
 
 // The pool dtypes the list kernels are built for (ListKernels' tables).
-#define AT_DISPATCH_CASE_POOL_DTYPES(...)             \
+#define ADAPTIVE_KV_CASE_POOL_DTYPES(...)             \
   AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)           \
   AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)        \
   AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
@@ -156,7 +156,6 @@ void check_index(const at::Tensor& x, const char* name, int64_t n) {
               x.sizes(), " ", x.scalar_type());
 }
 
-
 // Checks shared by the ops; the Args of a call. `op` names the op in the errors.
 ListArgs checked_args(const char* op, const at::Tensor& q, const at::Tensor& table, const at::Tensor& lens,
                   const at::Tensor& q_pos, const at::Tensor& kv_pages, const at::Tensor& slot_pos,
@@ -239,7 +238,7 @@ void scored_decode_attention(const at::Tensor& q, const at::Tensor& token, const
   if (n == 0) return;
   const int64_t* rows = row.data_ptr<int64_t>();
   const int64_t* heads = head.data_ptr<int64_t>();
-  AT_DISPATCH_SWITCH(q.scalar_type(), "scored_decode_attention", AT_DISPATCH_CASE_POOL_DTYPES([&] {
+  AT_DISPATCH_SWITCH(q.scalar_type(), "scored_decode_attention", ADAPTIVE_KV_CASE_POOL_DTYPES([&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kv = kv_pages.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -270,7 +269,7 @@ void score_rows(const at::Tensor& q, const at::Tensor& first, const at::Tensor& 
   if (n == 0) return;
   const int64_t* rows = row.data_ptr<int64_t>();
   const int64_t* heads = head.data_ptr<int64_t>();
-  AT_DISPATCH_SWITCH(q.scalar_type(), "score_rows", AT_DISPATCH_CASE_POOL_DTYPES([&] {
+  AT_DISPATCH_SWITCH(q.scalar_type(), "score_rows", ADAPTIVE_KV_CASE_POOL_DTYPES([&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kv = kv_pages.data_ptr<scalar_t>();
     const int32_t* tab = table.data_ptr<int32_t>();
