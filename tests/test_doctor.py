@@ -158,6 +158,18 @@ def test_transformers_failing_otherwise_blocks_without_an_automatic_fix():
 def test_cpu_default_is_the_native_kernel():
     finding = doctor.check_device(facts())
     assert finding.status == OK and finding.message.startswith("cpu: ") and "native" in finding.message
+    named = doctor.check_device(facts(probe={**HEALTHY_PROBE, "cpu_kernels_isa": "avx2"}))
+    assert "C++ kernels, avx2 build;" in named.message and "build" not in finding.message
+
+
+def test_the_probe_names_the_isa_build_the_kernels_run():
+    from vllm_adaptive_kv import cpu_kernels
+
+    found = doctor.cpu_attention_facts()
+    if not cpu_kernels.HAS_CPU_KERNELS:
+        assert found["cpu_kernels_isa"] is None
+    else:
+        assert found["cpu_kernels_isa"] == cpu_kernels.cpu_isa() == cpu_kernels.cpu_isas()[0]
 
 
 def test_a_bad_cpu_attention_value_blocks_and_names_it_and_the_allowed_ones():

@@ -171,11 +171,12 @@ def cpu_attention_facts() -> dict:
         from ..plugin.cpu.worker import CPU_ATTENTION_CHOICES
     except Exception as e:  # noqa: BLE001
         return {"cpu_attention_error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
-    from ..cpu_kernels import HAS_CPU_KERNELS
+    from ..cpu_kernels import HAS_CPU_KERNELS, cpu_isa
 
     # 32-token pages and head_dim 64: a shape the kernel takes, so this asks only about the build.
     return {"cpu_attention_choices": list(CPU_ATTENTION_CHOICES),
-            "native_cpu_attention": native_cpu_attention_available(32, 64), "cpu_kernels": HAS_CPU_KERNELS}
+            "native_cpu_attention": native_cpu_attention_available(32, 64), "cpu_kernels": HAS_CPU_KERNELS,
+            "cpu_kernels_isa": cpu_isa() if HAS_CPU_KERNELS else None}
 
 
 def run_probe(timeout_s: float = PROBE_TIMEOUT_S) -> dict:
@@ -340,8 +341,11 @@ def cpu_attention_finding(facts: Facts, device: str) -> Finding:
                        "take the slower torch path",
                        "reinstall with a C++ compiler and the torch to build against: "
                        "pip install --no-deps --no-build-isolation <this wheel's source or checkout>")
+    isa = facts.probe.get("cpu_kernels_isa")
+    build = f", {isa} build" if isa else ""
     return Finding("device", OK, f"{device}; attention path: native (vLLM's CPU attention kernel and the plugin's "
-                   "C++ kernels; a model whose head_dim is not a multiple of 32 falls back to torch with a warning)")
+                   f"C++ kernels{build}; a model whose head_dim is not a multiple of 32 falls back to torch with a "
+                   "warning)")
 
 
 def triton_on_cpu_finding(facts: Facts, device: str) -> Finding:
