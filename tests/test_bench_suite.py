@@ -134,6 +134,17 @@ def test_cell_ratios_concurrency_and_targets():
     assert any(c["target"].startswith("memory-bound: fastgen >= full") and c["met"] for c in bound)
     poisson = bench_suite.target_checks([{**cell, "name": "bound-2/short/poisson", "arrivals": "poisson"}])
     assert not any(c["target"].startswith("memory-bound: fastgen mean running") for c in poisson)
+    # beside the rule's ideal, the same workload's mean running with ample memory (prefill pacing)
+    assert not any(c["target"].startswith("(reading)") for c in bound)  # no ample cell of this workload
+    ample_short = {**ample, "name": "ample/short/burst", "output": "short",
+                   "runs": {**runs, "fastgen": {**runs["fastgen"], "mean_running": 2.1}}}
+    reading = [c for c in bench_suite.target_checks([ample_short, cell])
+               if c["cell"] == "bound-2/short/burst" and c["target"].startswith("(reading)")]
+    assert len(reading) == 1 and reading[0]["value"] == pytest.approx(2.0 / 2.1) and reading[0]["met"] is True
+    assert "2.10" in reading[0]["note"]
+    slow_ample = {**ample_short, "runs": {**runs, "fastgen": {**runs["fastgen"], "mean_running": 9.0}}}
+    capped = [c for c in bench_suite.target_checks([slow_ample, cell]) if c["target"].startswith("(reading)")]
+    assert capped[0]["value"] == pytest.approx(2.0 / (16 / 6)) and capped[0]["met"] is False  # capped by the rule
     text = bench_suite.format_targets(checks)
     assert "MISSED" in text and "met" in text
 
