@@ -18,8 +18,13 @@ run alternately, --repeats times each, and the script prints the median time of
 each, ns per KV token (one token of one list, its G heads together) and the ratio.
 Speed is for this script and docs/performance.md only: no test depends on it.
 
+``--score-rows W`` times ``score_rows`` instead (the prompt end's profiling scores:
+each request's last W prompt tokens against its lists); vLLM has no counterpart, so
+it prints the time alone. Run it under two builds (``PYTHONPATH=TREE``) to compare.
+
     python scripts/bench_cpu_attention.py --lists 24 --len 3300 --group 3
     python scripts/bench_cpu_attention.py --ragged --dtype float32
+    python scripts/bench_cpu_attention.py --lists 36 --len 1300 --score-rows 64
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 
 import torch
 
-from vllm_adaptive_kv.cpu_kernels import HAS_CPU_KERNELS, scored_decode_attention
+from vllm_adaptive_kv.cpu_kernels import HAS_CPU_KERNELS, score_rows, scored_decode_attention
 from vllm_adaptive_kv.plugin.cpu.attention import VllmCpuPagedAttention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -100,6 +105,24 @@ def scored_runner(d: dict, args):
     return run
 
 
+def score_rows_runner(d: dict, args):
+    """A closure scoring each request's last ``--score-rows`` tokens against its lists (every head)."""
+    reqs, heads, window = d["reqs"], args.heads, args.score_rows
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    q = torch.randn(reqs * window, heads * args.group, args.head_dim, generator=gen).to(d["q"].dtype)
+    last = d["lens"].max(dim=1).values.long()  # each request's prompt end
+    q_pos = (last.repeat_interleave(window) - window + torch.arange(window).repeat(reqs)).to(torch.int32)
+    d["slot_pos"] = torch.arange(args.block_size, dtype=torch.int32).repeat(d["kv_pages"].shape[0], 1) * 0
+    first = (torch.arange(reqs) * window).repeat_interleave(heads)
+    count = torch.full((reqs * heads,), window)
+    row, head = torch.arange(reqs).repeat_interleave(heads), torch.arange(heads).repeat(reqs)
+
+    def run():
+        score_rows(q, first, count, row, head, d["table"], d["lens"], q_pos, d["kv_pages"], d["slot_pos"],
+                   d["slot_score"], args.scale)
+    return run
+
+
 def cpu_flags() -> str:
     try:
         flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -123,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-rows", type=int, default=0, metavar="W",
+                   help="time score_rows over each request's last W tokens instead")
     p.add_argument("--out", default=None, metavar="JSON")
     args = p.parse_args(argv)
     if not HAS_CPU_KERNELS:
@@ -131,6 +156,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     args.scale = args.head_dim ** -0.5
     d = build_lists(args)
+    if args.score_rows:
+        return time_score_rows(d, args)
     runs = {"vllm": vllm_runner(d, args), "scored": scored_runner(d, args)}
     ref, got = runs["vllm"]().float(), runs["scored"]().float()
     err = float((got - ref).norm() / ref.norm())
@@ -152,6 +179,26 @@ def main(argv=None) -> int:
     for name in runs:
         print(f"  {name:7s} {median[name] * 1e3:8.2f} ms   {result['ns_per_token'][name]:6.2f} ns/token")
     print(f"  scored / vllm: {result['scored_over_vllm']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def time_score_rows(d: dict, args) -> int:
+    run = score_rows_runner(d, args)
+    run()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "cpu_flags": cpu_flags(),
+              "threads": torch.get_num_threads(), "score_rows_median_ms": median * 1e3}
+    print(f"cpu flags: {result['cpu_flags']}; threads {result['threads']}; {args.dtype}; score_rows of "
+          f"{d['reqs']} requests x {args.score_rows} rows over {args.lists} lists (mean {int(d['lens'].float().mean())} "
+          f"slots): {median * 1e3:.2f} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
