@@ -38,7 +38,8 @@ def extensions():
     # was, before: one core of two for every kernel here). Its libgomp.so.1 is the one torch has
     # already loaded (same soname), so torch.set_num_threads governs these kernels too. Ninja,
     # when installed, compiles the files in parallel.
-    ext = CppExtension("vllm_adaptive_kv._C", SOURCES, extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi", *VECTOR_WIDTH],
+    ext = CppExtension("vllm_adaptive_kv._C", SOURCES,
+                       extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi", *VECTOR_WIDTH],
                        extra_link_args=["-fopenmp"], depends=HEADERS, optional=True)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

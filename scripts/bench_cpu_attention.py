@@ -196,9 +196,10 @@ def time_score_rows(d: dict, args) -> int:
     median = statistics.median(times)
     result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "cpu_flags": cpu_flags(),
               "threads": torch.get_num_threads(), "score_rows_median_ms": median * 1e3}
+    mean_len = int(d["lens"].float().mean())
     print(f"cpu flags: {result['cpu_flags']}; threads {result['threads']}; {args.dtype}; score_rows of "
-          f"{d['reqs']} requests x {args.score_rows} rows over {args.lists} lists (mean {int(d['lens'].float().mean())} "
-          f"slots): {median * 1e3:.2f} ms")
+          f"{d['reqs']} requests x {args.score_rows} rows over {args.lists} lists (mean {mean_len} slots): "
+          f"{median * 1e3:.2f} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -37,8 +37,8 @@ try:
 except ImportError:  # not built: the torch paths run instead
     HAS_CPU_KERNELS = False
 
-__all__ = ["HAS_CPU_KERNELS", "compact_slots", "cpu_isa", "cpu_isas", "score_rows", "score_rows_reference", "scored_decode_attention",
-           "scored_decode_attention_reference", "write_kv"]
+__all__ = ["HAS_CPU_KERNELS", "compact_slots", "cpu_isa", "cpu_isas", "score_rows", "score_rows_reference",
+           "scored_decode_attention", "scored_decode_attention_reference", "write_kv"]
 
 NOT_BUILT = ("vllm_adaptive_kv._C is not built (make setup builds it, or pip install --no-build-isolation -e .); "
              "use the torch reference")
