@@ -24,7 +24,11 @@ ratios measured in one run.
 ``--py-spy NAME=FILE`` samples that child (Python frames, 100 Hz) during an extra
 round of ``--profile-steps`` decode steps and writes py-spy's collapsed stacks to
 FILE; the script prints the top functions (inclusive share of the sampled time).
-``--torch-profile NAME`` prints torch.profiler's op table for such a round.
+``--torch-profile NAME`` prints torch.profiler's op table for such a round and splits its
+step into attention (vLLM's and our kernels) and the rest. When the first configuration
+and a compressed one are both profiled, it prints the steady-decode reading: the bar
+(kept x the first's step + 10%), the attention ratio against the pages kept, and the
+attention share of the step the bar needs if the rest of the step does not shrink.
 Speed is for this script and the docs only: no test depends on it.
 """
 
@@ -99,9 +103,10 @@ def child_main(conn, spec: str, args_dict: dict, texts: list[str]) -> None:
             import torch.profiler as tp
 
             with tp.profile(activities=[tp.ProfilerActivity.CPU]) as prof:
-                for _ in range(count):
-                    step()
-            conn.send({"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)})
+                times = [step() for _ in range(count)]
+            averages = prof.key_averages()
+            conn.send({"table": averages.table(sort_by="self_cpu_time_total", row_limit=30), "times": times,
+                       "self_ms": {e.key: e.self_cpu_time_total / 1000 for e in averages}})
         elif cmd == "state":
             try:
                 conn.send({"state": engine.collective_rpc("adaptive_kv_state")[0]})
@@ -144,6 +149,44 @@ def top_functions(collapsed: Path, root: str = "LLMEngine.step", limit: int = 30
     return rows[:limit]
 
 
+# The ops that attend over the KV: vLLM's CPU kernel and our scored one (one call per layer
+# each). Their self time is the step's attention; everything else does not shrink with the KV.
+ATTENTION_OPS = ("_C::cpu_attention_with_kv_cache", "adaptive_kv::scored_decode_attention")
+
+
+def attention_split(self_ms: dict[str, float], step_wall_s: list[float]) -> dict[str, float]:
+    """A torch.profiler round's step split: mean step wall ms, attention ms per step and its share.
+
+    ``self_ms``: op name -> self CPU ms over the round (``key_averages``); ``step_wall_s``: the
+    round's step wall times. The profiler's overhead falls on the many small ops, so the
+    share it gives attention is, if anything, low.
+    """
+    steps = len(step_wall_s)
+    step_ms = 1000 * sum(step_wall_s) / steps
+    attention_ms = sum(self_ms.get(op, 0.0) for op in ATTENTION_OPS) / steps
+    return {"step_ms": step_ms, "attention_ms": attention_ms, "attention_share": attention_ms / step_ms}
+
+
+def steady_decode_reading(kept: float, base_step_ms: float, step_ms: float, base_split: dict,
+                          split: dict, margin: float = 0.10) -> dict[str, float]:
+    """Issue 14's steady-decode bar (step <= kept x the base's step + margin) beside what bounds it.
+
+    If attention shrank exactly with the KV kept and the rest of the step stayed as the
+    base's, the step would be ``(1 - a) + a * kept`` of the base's (a: the base's attention
+    share); that meets the bar only when ``a >= (1 - (1 + margin) * kept) / (1 - kept)``.
+    ``attention_ratio`` (this config's attention ms over the base's, against ``kept``) says
+    whether attention itself shrank with the KV.
+    """
+    if not 0 < kept < 1:
+        raise ValueError(f"kept={kept} must be in (0, 1)")
+    share = base_split["attention_share"]
+    return {"kept": kept, "bar_ms": (1 + margin) * kept * base_step_ms, "step_ms": step_ms,
+            "over_bar": step_ms / ((1 + margin) * kept * base_step_ms),
+            "attention_ratio": split["attention_ms"] / base_split["attention_ms"],
+            "base_attention_share": share, "share_needed": (1 - (1 + margin) * kept) / (1 - kept),
+            "step_if_attention_scaled": (1 - share) + share * kept}
+
+
 def kv_bytes_per_token(model_dir: str, dtype: str) -> int:
     from transformers import AutoConfig
 
@@ -169,6 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--out", default=None, metavar="JSON")
     return p
+
+
+def print_steady_decode(doc: dict, base: str, splits: dict) -> None:
+    """The steady-decode reading of every profiled config against the profiled base (first config)."""
+    base_row = doc["configs"][base]
+    base_pages = (base_row.get("state") or {}).get("pages_in_use")
+    if base not in splits or not base_pages:
+        return
+    for name, split in splits.items():
+        row = doc["configs"][name]
+        pages = (row.get("state") or {}).get("pages_in_use")
+        if name == base or not pages or pages >= base_pages:
+            continue
+        reading = row["steady_decode"] = steady_decode_reading(pages / base_pages, base_row["median_ms"],
+                                                               row["median_ms"], splits[base], split)
+        print(f"\nsteady decode, {name} against {base}: pages kept {reading['kept']:.3f}; attention "
+              f"{reading['attention_ratio']:.3f}x {base}'s; step {reading['step_ms']:.1f} ms against the bar "
+              f"{reading['bar_ms']:.1f} ms ({reading['over_bar']:.2f}x); {base}'s attention share "
+              f"{100 * reading['base_attention_share']:.1f}%, the bar needs >= {100 * reading['share_needed']:.1f}% "
+              f"(with the rest of the step unchanged, attention scaled by the KV kept gives "
+              f"{reading['step_if_attention_scaled']:.3f}x {base}'s step)")
 
 
 def main(argv=None) -> int:
@@ -250,10 +314,17 @@ def main(argv=None) -> int:
         print("| function (file) | inclusive % | self % |\n|---|---|---|")
         for func, inc, own in top_functions(Path(path)):
             print(f"| {func} | {inc:.1f} | {own:.1f} |")
+    splits = {}
     for name in args.torch_profile:
         _, conn, _ = children[name]
         conn.send(("torch", args.profile_steps))
-        print(f"\ntorch.profiler, {name}: {args.profile_steps} decode steps\n{conn.recv()['table']}")
+        reply = conn.recv()
+        splits[name] = attention_split(reply["self_ms"], [w for w, _ in reply["times"]])
+        doc["configs"][name]["profile"] = splits[name]
+        print(f"\ntorch.profiler, {name}: {args.profile_steps} decode steps; attention "
+              f"{splits[name]['attention_ms']:.1f} ms of a {splits[name]['step_ms']:.1f} ms step "
+              f"({100 * splits[name]['attention_share']:.1f}%)\n{reply['table']}")
+    print_steady_decode(doc, base, splits)
     for proc, conn, _ in children.values():
         conn.send(("stop", 0))
         proc.join(timeout=60)
