@@ -307,3 +307,36 @@ def test_interleaved_rounds_alternate_turns_and_ratios_are_per_round_medians(mon
     assert "1.08x (0.90 / 1.08 / 1.10)" in text and "fastgen (round 3)" in text and "median of 3 rounds" in text
     by_config = bench_suite.parse_args(["--vllm", sys.executable, "--order", "by-config"])
     assert by_config.order == "by-config" and by_config.rounds == 1
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_servers_start_anew_each_round_and_keep_the_turns(fresh):
+    """--fresh-servers: each round on its own servers (all stopped), every (cell, round) in
+    the same turn order as on shared servers, and the curve once, on the last round's."""
+    suite = bench_suite.Suite.__new__(bench_suite.Suite)
+    argv = ["--vllm", sys.executable, "--configs", "full,fastgen", "--rounds", "3", "--budgets", "ample",
+            "--outputs", "short", "--arrivals", "burst,poisson"] + (["--fresh-servers"] if fresh else [])
+    suite.args = bench_suite.parse_args(argv)
+    started, ran, curves = [], [], []
+
+    def start_server(budget, label):
+        started.append(FakeServer(f"{label}-{len(started)}", 99))
+        return started[-1]
+
+    def run_cell(server, budget, label, out, arrivals, workload, retry=False, round_index=0):
+        ran.append((arrivals, round_index, label, server.name))
+
+    suite.start_server, suite.run_cell = start_server, run_cell
+    suite.run_curve = lambda server, label, budget_name: curves.append(server.name)
+    suite.run_budget({"name": "ample"}, {"short": []}, curve_here=True)
+    assert len(started) == (6 if fresh else 2) and all(server.stopped for server in started)
+    turns = {}
+    for arrivals, round_index, label, _ in ran:
+        turns.setdefault((arrivals, round_index), []).append(label)
+    forward, backward = ["full", "fastgen"], ["fastgen", "full"]
+    assert turns == {("burst", 0): forward, ("burst", 1): backward, ("burst", 2): forward,
+                     ("poisson", 0): backward, ("poisson", 1): forward, ("poisson", 2): backward}
+    assert {name for *_, name in ran} == {server.name for server in started}
+    assert curves == [started[-2].name]  # the curve's configurations (default vanilla,full): the last full
+    if fresh:  # round r ran only on the r-th pair of servers
+        assert all(name in (started[2 * r].name, started[2 * r + 1].name) for _, r, _, name in ran)

@@ -33,6 +33,13 @@ times; a cell's ratios are then the median of its per-round ratios (each round p
 runs minutes apart), its rows the run with the median output tokens/s. ``by-config``
 runs one server at a time, the whole budget on it (least memory: one server up).
 
+``--fresh-servers`` starts every server anew for each round (and the budget's cells
+run round by round, in the same turns). One server instance can run the same load a
+few percent faster or slower than another of the same configuration for its whole
+life (on a 2-core AVX2 machine, an ample short burst on two pairs of servers gave
+fastgen / `full` 1.07x on one pair and 1.00x on the next, 0.92x on the suite's own
+pair); rounds on the same servers repeat that offset instead of sampling it.
+
 Beside the rows of ``bench``, each cell reports the ratios the targets are about,
 the attention kernel each configuration ran (vLLM CPU picks "amx" for bf16 at block
 sizes that are multiples of 32 when the CPU has AMX, else "vec", or "vec16"; the
@@ -174,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "to back in alternating turns (default); by-config: one server at a time")
     w.add_argument("--rounds", type=positive(int), default=1,
                    help="runs of each cell per configuration; ratios are the median over rounds (default 1)")
+    w.add_argument("--fresh-servers", action="store_true",
+                   help="start the servers anew for each round, so that rounds sample server instances "
+                   "(each start costs a server start-up)")
     w.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     s = p.add_argument_group("servers (as in bench)")
     s.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -535,29 +545,37 @@ class Suite:
         """Every cell of ``budget``; the servers up together (interleaved) or one at a time."""
         labels = list(self.args.configs)
         groups = [labels] if self.args.order == "interleaved" else [[label] for label in labels]
+        every = range(self.args.rounds)
+        spans = [every[i:i + 1] for i in every] if self.args.fresh_servers else [every]
         for group in groups:
-            servers = {}
-            try:
-                for label in group:
-                    servers[label] = self.start_server(budget, label)
-                self.run_cells(servers, budget, workloads)
-                for label in group:
-                    if curve_here and label in self.args.curve_configs and self.args.curve_points:
-                        self.run_curve(servers[label], label, budget["name"])
-            finally:
-                for server in servers.values():
-                    server.__exit__(None, None, None)
+            for rounds in spans:  # the servers of ``group`` live for ``rounds``
+                servers = {}
+                try:
+                    for label in group:
+                        servers[label] = self.start_server(budget, label)
+                    self.run_cells(servers, budget, workloads, rounds)
+                    for label in group:
+                        if (curve_here and rounds[-1] == every[-1] and label in self.args.curve_configs
+                                and self.args.curve_points):
+                            self.run_curve(servers[label], label, budget["name"])
+                finally:
+                    for server in servers.values():
+                        server.__exit__(None, None, None)
 
-    def run_cells(self, servers: dict, budget: dict, workloads: dict) -> None:
-        """Each cell, ``--rounds`` times, the servers' configurations in alternating turns."""
-        turn = 0
-        for arrivals in self.args.arrivals:
-            for out in self.args.outputs:
-                for round_index in range(self.args.rounds):
-                    for label in turn_order(list(servers), turn):
-                        servers[label] = self.run_cell_once_more_if_died(
-                            servers[label], budget, label, out, arrivals, workloads[out], round_index)
-                    turn += 1
+    def run_cells(self, servers: dict, budget: dict, workloads: dict, rounds: range | None = None) -> None:
+        """Each cell, for each of ``rounds`` (default: all ``--rounds``), the servers'
+        configurations in alternating turns.
+
+        A cell's round r takes turn ``cell * R + r`` (cells in arrivals-then-outputs order, R
+        = ``--rounds``), so the turns are the same whether the rounds share servers or not.
+        """
+        rounds = range(self.args.rounds) if rounds is None else rounds
+        cells = [(arrivals, out) for arrivals in self.args.arrivals for out in self.args.outputs]
+        for cell_index, (arrivals, out) in enumerate(cells):
+            for round_index in rounds:
+                for label in turn_order(list(servers), cell_index * self.args.rounds + round_index):
+                    servers[label] = self.run_cell_once_more_if_died(
+                        servers[label], budget, label, out, arrivals, workloads[out], round_index)
 
     def start_server(self, budget: dict, label: str) -> bench.Server:
         """A started server of ``label`` at ``budget``; records its cache, kernel and start-up."""
