@@ -305,6 +305,9 @@ def test_interleaved_rounds_alternate_turns_and_ratios_are_per_round_medians(mon
     doc = {"budgets": [], "cells": [burst_short], "curve": {}, "args": {"rounds": 3}}
     text = bench_suite.markdown_report(doc)
     assert "1.08x (0.90 / 1.08 / 1.10)" in text and "fastgen (round 3)" in text and "median of 3 rounds" in text
+    assert "Servers:" in text
+    fresh_text = bench_suite.markdown_report({**doc, "args": {"rounds": 3, "fresh_servers": True}})
+    assert "Servers (started anew for each of the 3 rounds, `--fresh-servers`" in fresh_text
     by_config = bench_suite.parse_args(["--vllm", sys.executable, "--order", "by-config"])
     assert by_config.order == "by-config" and by_config.rounds == 1
 

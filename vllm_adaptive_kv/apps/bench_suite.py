@@ -785,7 +785,10 @@ def markdown_report(doc: dict) -> str:
             kernels.append([f"{b['name']} ({b['bytes'] / 2**20:.1f} MiB)", label, str(srv.get("block_size", "-")),
                             _f(srv.get("capacity_tokens"), ",d"), f"{k.get('isa') or '-'} ({k.get('path')})",
                             _f(srv.get("start_s"), ".0f", suffix=" s")])
-    out += ["Servers:", "", _md(kernels), ""]
+    args = doc.get("args") or {}
+    fresh = (f" (started anew for each of the {args.get('rounds')} rounds, `--fresh-servers`; the last start shown)"
+             if args.get("fresh_servers") else "")
+    out += [f"Servers{fresh}:", "", _md(kernels), ""]
     runs = [["cell", "config", "out tok/s", "peak run", "mean run", "preempt", "kept", "TTFT p50 / p99",
              "TPOT p50 / p99", "passkey", "load after"]]
     for c in doc["cells"]:
