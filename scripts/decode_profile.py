@@ -179,9 +179,8 @@ def steady_decode_reading(kept: float, base_step_ms: float, step_ms: float, base
     """
     if not 0 < kept < 1:
         raise ValueError(f"kept={kept} must be in (0, 1)")
-    share = base_split["attention_share"]
-    return {"kept": kept, "bar_ms": (1 + margin) * kept * base_step_ms, "step_ms": step_ms,
-            "over_bar": step_ms / ((1 + margin) * kept * base_step_ms),
+    share, bar_ms = base_split["attention_share"], (1 + margin) * kept * base_step_ms
+    return {"kept": kept, "bar_ms": bar_ms, "step_ms": step_ms, "over_bar": step_ms / bar_ms,
             "attention_ratio": split["attention_ms"] / base_split["attention_ms"],
             "base_attention_share": share, "share_needed": (1 - (1 + margin) * kept) / (1 - kept),
             "step_if_attention_scaled": (1 - share) + share * kept}
