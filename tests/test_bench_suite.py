@@ -73,6 +73,9 @@ def test_ideal_running_under_the_rule_and_by_chunk():
     ideal = bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 16)
     assert (ideal["by_rule"], ideal["by_chunk"], ideal["full"]) == (3, 4, 2)
     assert ideal["compressed_tokens"] == pytest.approx(739.8)
+    assert ideal["memory_binds"] is True  # 3 of 16: the budget sets the count
+    assert bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 3)["memory_binds"] is False  # all 3 fit
+    assert bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 4)["memory_binds"] is True
     assert bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 2)["by_chunk"] == 2  # capped by the requests
     assert bench_suite.ideal_running(3328, 32, 1300, 16, 0.55, 16, max_num_seqs=1)["by_rule"] == 1
     assert bench_suite.ideal_running(1000, 32, 1300, 16, 0.55, 16)["by_rule"] == 0  # a prompt never fits
@@ -147,6 +150,16 @@ def test_cell_ratios_concurrency_and_targets():
     assert capped[0]["value"] == pytest.approx(2.0 / (16 / 6)) and capped[0]["met"] is False  # capped by the rule
     text = bench_suite.format_targets(checks)
     assert "MISSED" in text and "met" in text
+    assert "memory does not bind" not in next(c for c in bound if "mean running" in c["target"])["note"]
+    # three requests all fit compressed: the verdict stands, with a note that memory does not bind
+    few = {**cell, "workload": {**workload, "requests": 3,
+                                "prompt_tokens": {"mean": 1300, "min": 1250, "max": 1350}}}
+    few["concurrency"] = bench_suite.cell_concurrency(few, capacity, blocks, None)
+    assert few["concurrency"]["fastgen"]["ideal"]["memory_binds"] is False
+    note = next(c for c in bench_suite.target_checks([few]) if "mean running" in c["target"])["note"]
+    assert "memory does not bind fastgen here: the ideal is the cell's cap of 3 requests" in note
+    assert "memory does not bind: all 3 requests" in bench_suite.format_cell(
+        {**few, "budget_bytes": 1 << 26, "runs": {}})
 
 
 def test_markdown_report_of_a_run():
@@ -171,6 +184,9 @@ def test_markdown_report_of_a_run():
     assert "| bound-2 (64.0 MiB) | fastgen | 32 | 3,328 | vec (vllm-cpu-kernel) | 30 s |" in text
     assert "| bound-2/long/burst | fastgen | 10.00 | 2 | 1.90 | 0 | 0.550 |" in text and "3/4" in text
     assert "| 3 / 4 | 3 / 2.50 |" in text and "vanilla 12.00" in text and "**missed**" in text
+    unbound = doc["cells"][0]["concurrency"]["fastgen"]["ideal"]
+    unbound["memory_binds"] = False
+    assert "| 3 / 4 (all fit: memory does not bind) |" in bench_suite.markdown_report(doc)
 
 
 def test_cache_info_from_metrics_labels():

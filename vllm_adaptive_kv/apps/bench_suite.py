@@ -278,7 +278,10 @@ def ideal_running(capacity_tokens: int, block_size: int, prompt_tokens: float, o
         by_chunk = floor(capacity / compressed)     (admission by chunk: no whole-prompt room)
         full     = floor(capacity / (prompt + output) rounded to pages)   (nothing evicted)
 
-    each at most the requests of the cell (and ``max_num_seqs``).
+    each at most the requests of the cell (and ``max_num_seqs``). ``memory_binds`` says
+    whether the budget, not that cap, sets ``by_rule``: where it does not, every request
+    of the cell fits at once after compression and the cell does not test fastgen's
+    memory-bound concurrency (raise ``--num-requests`` for that).
     """
     cap = min(num_requests, max_num_seqs or num_requests)
     compressed = kept_fraction * (prompt_tokens + output_tokens) + block_size / 2
@@ -287,7 +290,7 @@ def ideal_running(capacity_tokens: int, block_size: int, prompt_tokens: float, o
     by_chunk = math.floor(capacity_tokens / compressed)
     full = math.floor(capacity_tokens / round_up(math.ceil(prompt_tokens + output_tokens), block_size))
     return {"by_rule": min(by_rule, cap), "by_chunk": min(by_chunk, cap), "full": min(full, cap),
-            "compressed_tokens": compressed}
+            "compressed_tokens": compressed, "memory_binds": by_rule < cap}
 
 
 def burst_mean(num_requests: int, at_once: int) -> float | None:
@@ -429,7 +432,10 @@ def target_checks(cells: list[dict]) -> list[dict]:
             fg = (cell.get("concurrency") or {}).get("fastgen")
             if cell["arrivals"] == "burst":  # Poisson arrivals need not keep the budget full
                 add("memory-bound: fastgen mean running >= 0.9x ideal (admission rule)", cell,
-                    fg and fg["mean_vs_ideal"], 0.9, "ideal: the burst's time-average at the rule's count")
+                    fg and fg["mean_vs_ideal"], 0.9, "ideal: the burst's time-average at the rule's count"
+                    + ("" if not fg or fg["ideal"].get("memory_binds", True) else
+                       f"; memory does not bind fastgen here: the ideal is the cell's cap of {fg['ideal']['by_rule']} "
+                       "requests, which all fit compressed (raise --num-requests)"))
                 ample = ample_means.get((cell["output"], cell["arrivals"]))
                 if fg and ample:  # a reading beside the target: what memory cost, prefill pacing aside
                     add("(reading) fastgen mean running >= 0.9x min(ideal, ample memory's)", cell,
@@ -739,7 +745,7 @@ def format_cell(cell: dict) -> str:
                          f"admitting by chunk, {ideal['full']} uncompressed; measured peak "
                          f"{_f(c['peak_running'], '.0f')}, mean {_f(c['mean_running'], '.2f')} "
                          f"(ideal mean {_f(c['ideal_mean'], '.2f')}: {_f(c['mean_vs_ideal'], '.2f')}x), "
-                         f"preemptions {_f(c['preemptions'], '.0f')}")
+                         f"preemptions {_f(c['preemptions'], '.0f')}" + _unbound(ideal))
         else:
             lines.append(f"{label}: {ideal['full']} whole requests fit; measured peak {_f(c['peak_running'], '.0f')}, "
                          f"mean {_f(c['mean_running'], '.2f')}, preemptions {_f(c['preemptions'], '.0f')}")
@@ -747,6 +753,13 @@ def format_cell(cell: dict) -> str:
         if pred is not None:
             lines.append(f"{label} curve predicts {pred:.2f} output tok/s at fastgen's mean running")
     return "\n".join(lines)
+
+
+def _unbound(ideal: dict) -> str:
+    """A warning when the request count, not memory, caps the rule's ideal."""
+    if ideal.get("memory_binds", True):
+        return ""
+    return f"; memory does not bind: all {ideal['by_rule']} requests fit compressed (raise --num-requests)"
 
 
 ROUND_SHOWN = ("full_vs_vanilla_same_block", "fastgen_vs_full")  # the ample targets' ratios
@@ -835,7 +848,8 @@ def markdown_report(doc: dict) -> str:
         pre = " / ".join(_f((cc.get(k) or {}).get("preemptions"), ".0f")
                          for k in ("vanilla", SAME_BLOCK_VANILLA, "full", "fastgen"))
         pred = ", ".join(f"{k} {v:.2f}" for k, v in (c.get("curve_prediction") or {}).items() if v is not None)
-        conc.append([c["name"], fits, f"{_f(ideal.get('by_rule'), 'd')} / {_f(ideal.get('by_chunk'), 'd')}",
+        unbound = "" if ideal.get("memory_binds", True) else " (all fit: memory does not bind)"
+        conc.append([c["name"], fits, f"{_f(ideal.get('by_rule'), 'd')} / {_f(ideal.get('by_chunk'), 'd')}{unbound}",
                      f"{_f(fg.get('peak_running'), '.0f')} / {_f(fg.get('mean_running'), '.2f')}",
                      f"{_f(fg.get('mean_vs_ideal'), '.2f')} (ideal mean {_f(fg.get('ideal_mean'), '.2f')})", pre,
                      pred if c["output"] == "long" else "-", _f(_tps(c["runs"], "fastgen"), ".2f")])
