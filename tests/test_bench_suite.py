@@ -157,7 +157,7 @@ def test_cell_ratios_concurrency_and_targets():
     few["concurrency"] = bench_suite.cell_concurrency(few, capacity, blocks, None)
     assert few["concurrency"]["fastgen"]["ideal"]["memory_binds"] is False
     note = next(c for c in bench_suite.target_checks([few]) if "mean running" in c["target"])["note"]
-    assert "memory does not bind fastgen here: the ideal is the cell's cap of 3 requests" in note
+    assert "memory does not bind: all 3 requests fit compressed" in note
     assert "memory does not bind: all 3 requests" in bench_suite.format_cell(
         {**few, "budget_bytes": 1 << 26, "runs": {}})
 
@@ -186,7 +186,8 @@ def test_markdown_report_of_a_run():
     assert "| 3 / 4 | 3 / 2.50 |" in text and "vanilla 12.00" in text and "**missed**" in text
     unbound = doc["cells"][0]["concurrency"]["fastgen"]["ideal"]
     unbound["memory_binds"] = False
-    assert "| 3 / 4 (all fit: memory does not bind) |" in bench_suite.markdown_report(doc)
+    assert "| 3 / 4; memory does not bind: all 3 requests fit compressed (raise --num-requests) |" \
+        in bench_suite.markdown_report(doc)
 
 
 def test_cache_info_from_metrics_labels():

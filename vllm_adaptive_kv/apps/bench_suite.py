@@ -433,9 +433,7 @@ def target_checks(cells: list[dict]) -> list[dict]:
             if cell["arrivals"] == "burst":  # Poisson arrivals need not keep the budget full
                 add("memory-bound: fastgen mean running >= 0.9x ideal (admission rule)", cell,
                     fg and fg["mean_vs_ideal"], 0.9, "ideal: the burst's time-average at the rule's count"
-                    + ("" if not fg or fg["ideal"].get("memory_binds", True) else
-                       f"; memory does not bind fastgen here: the ideal is the cell's cap of {fg['ideal']['by_rule']} "
-                       "requests, which all fit compressed (raise --num-requests)"))
+                    + (fg and unbound_note(fg["ideal"]) or ""))
                 ample = ample_means.get((cell["output"], cell["arrivals"]))
                 if fg and ample:  # a reading beside the target: what memory cost, prefill pacing aside
                     add("(reading) fastgen mean running >= 0.9x min(ideal, ample memory's)", cell,
@@ -745,7 +743,7 @@ def format_cell(cell: dict) -> str:
                          f"admitting by chunk, {ideal['full']} uncompressed; measured peak "
                          f"{_f(c['peak_running'], '.0f')}, mean {_f(c['mean_running'], '.2f')} "
                          f"(ideal mean {_f(c['ideal_mean'], '.2f')}: {_f(c['mean_vs_ideal'], '.2f')}x), "
-                         f"preemptions {_f(c['preemptions'], '.0f')}" + _unbound(ideal))
+                         f"preemptions {_f(c['preemptions'], '.0f')}" + unbound_note(ideal))
         else:
             lines.append(f"{label}: {ideal['full']} whole requests fit; measured peak {_f(c['peak_running'], '.0f')}, "
                          f"mean {_f(c['mean_running'], '.2f')}, preemptions {_f(c['preemptions'], '.0f')}")
@@ -755,8 +753,8 @@ def format_cell(cell: dict) -> str:
     return "\n".join(lines)
 
 
-def _unbound(ideal: dict) -> str:
-    """A warning when the request count, not memory, caps the rule's ideal."""
+def unbound_note(ideal: dict) -> str:
+    """"; memory does not bind ..." when the request cap, not memory, sets the rule's ideal, else ""."""
     if ideal.get("memory_binds", True):
         return ""
     return f"; memory does not bind: all {ideal['by_rule']} requests fit compressed (raise --num-requests)"
@@ -848,8 +846,8 @@ def markdown_report(doc: dict) -> str:
         pre = " / ".join(_f((cc.get(k) or {}).get("preemptions"), ".0f")
                          for k in ("vanilla", SAME_BLOCK_VANILLA, "full", "fastgen"))
         pred = ", ".join(f"{k} {v:.2f}" for k, v in (c.get("curve_prediction") or {}).items() if v is not None)
-        unbound = "" if ideal.get("memory_binds", True) else " (all fit: memory does not bind)"
-        conc.append([c["name"], fits, f"{_f(ideal.get('by_rule'), 'd')} / {_f(ideal.get('by_chunk'), 'd')}{unbound}",
+        conc.append([c["name"], fits, f"{_f(ideal.get('by_rule'), 'd')} / {_f(ideal.get('by_chunk'), 'd')}"
+                     + unbound_note(ideal),
                      f"{_f(fg.get('peak_running'), '.0f')} / {_f(fg.get('mean_running'), '.2f')}",
                      f"{_f(fg.get('mean_vs_ideal'), '.2f')} (ideal mean {_f(fg.get('ideal_mean'), '.2f')})", pre,
                      pred if c["output"] == "long" else "-", _f(_tps(c["runs"], "fastgen"), ".2f")])
