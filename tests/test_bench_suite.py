@@ -190,6 +190,47 @@ def test_markdown_report_of_a_run():
         in bench_suite.markdown_report(doc)
 
 
+def test_admission_headroom_needs_a_withheld_request_and_a_faster_ample_cell():
+    def cell(name, budget_k, tps, ttft, by_rule=3, by_chunk=4, arrivals="burst"):
+        ideal = {"by_rule": by_rule, "by_chunk": by_chunk, "full": 2}
+        return {"name": name, "budget_k": budget_k, "output": "short", "arrivals": arrivals,
+                "runs": {"fastgen": {"output_tokens_per_s": tps, "ttft_s": {"p50": ttft}}},
+                "concurrency": None if budget_k is None else {"fastgen": {
+                    "ideal": ideal, "peak_running": 3, "mean_running": 2.5, "ideal_mean": 2.67,
+                    "mean_vs_ideal": 0.94, "preemptions": 0}}}
+
+    bound = cell("bound-2/short/burst", 2, 10.0, 6.0)
+    assert bench_suite.admission_headroom([bound]) == [
+        {"cell": "bound-2/short/burst", "by_rule": 3, "by_chunk": 4, "withheld": 1, "ample_gain": None,
+         "ttft_ratio": None, "limits": None}]  # no ample cell: unknown
+    (row,) = bench_suite.admission_headroom([cell("ample/short/burst", None, 12.0, 4.0), bound])
+    assert row["ample_gain"] == pytest.approx(1.2) and row["ttft_ratio"] == pytest.approx(1.5)
+    assert row["limits"] is True
+    # ample memory no faster than the server-instance spread: nothing for admission to win
+    (row,) = bench_suite.admission_headroom([cell("ample/short/burst", None, 10.5, 6.0), bound])
+    assert row["limits"] is False
+    # ample memory much faster, but the rule withholds nothing: the budget, not the rule
+    tight = cell("bound-2/short/burst", 2, 10.0, 6.0, by_chunk=3)
+    (row,) = bench_suite.admission_headroom([cell("ample/short/burst", None, 20.0, 4.0), tight])
+    assert row["withheld"] == 0 and row["limits"] is False
+    # Poisson cells and ample cells have no row; the ample cell of another output does not count
+    poisson = cell("bound-2/short/poisson", 2, 10.0, 6.0, arrivals="poisson")
+    ample_long = {**cell("ample/long/burst", None, 50.0, 4.0), "output": "long"}
+    assert [r["ample_gain"] for r in bench_suite.admission_headroom([ample_long, poisson, bound])] == [None]
+    text = bench_suite.format_headroom(bench_suite.admission_headroom([cell("ample/short/burst", None, 12.0, 4.0),
+                                                                       bound]))
+    assert "rule 3 -> by chunk 4 (+1)" in text and "1.20x" in text and "the rule limits" in text
+    assert bench_suite.format_headroom([]) == ""
+    doc = {"budgets": [], "cells": [cell("ample/short/burst", None, 12.0, 4.0), bound], "curve": {}}
+    for c in doc["cells"]:
+        c["runs"]["fastgen"].update({"peak_running": 3, "mean_running": 2.5, "preemptions": 0, "kept_fraction": 0.5,
+                                     "tpot_s": {"p50": 0.1, "p99": 0.2}, "accuracy": 1.0, "completed": 4,
+                                     "failed": 0})
+        c["runs"]["fastgen"]["ttft_s"]["p99"] = 9.0
+        c["ratios"] = bench_suite.cell_ratios(c["runs"])
+    assert "| bound-2/short/burst | 3 -> 4 (+1) | 1.20x | 1.50 | **limits** |" in bench_suite.markdown_report(doc)
+
+
 def test_cache_info_from_metrics_labels():
     text = ('# HELP vllm:cache_config_info x\nvllm:cache_config_info{block_size="128",cache_dtype="auto",'
             'num_gpu_blocks="22",engine="0"} 1.0\n')

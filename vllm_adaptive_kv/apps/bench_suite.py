@@ -413,6 +413,57 @@ def ample_mean_running(cells: list[dict]) -> dict:
             for c in cells if c["budget_k"] is None and "fastgen" in c["runs"]}
 
 
+INSTANCE_SPREAD = 1.10  # one server instance can run ~10% faster than another of the same config
+
+
+def admission_headroom(cells: list[dict]) -> list[dict]:
+    """What any change to admission could buy fastgen, per memory-bound burst cell.
+
+    Two upper bounds, both from this run::
+
+        withheld    rule's ideal -> by-chunk ideal: the requests the whole-prompt rule
+                    keeps out at the measured kept fraction; admitting by chunk and
+                    compressing as chunks arrive could add at most these
+        ample_gain  fastgen's output tok/s with ample memory (same workload, same run)
+                    over its output tok/s here: what no memory limit at all would buy
+
+    and ``ttft_ratio``, fastgen's TTFT p50 here over its TTFT p50 with ample memory
+    (1.0: the budget delayed no first token; prefill paced them all). The rule
+    ``limits`` a cell only where both bounds leave room: a request withheld, and
+    ample memory faster by more than the server-instance spread. ``limits`` is None
+    without an ample cell of the same workload.
+    """
+    ample = {(c["output"], c["arrivals"]): c["runs"]["fastgen"]
+             for c in cells if c["budget_k"] is None and "fastgen" in c["runs"]}
+    out = []
+    for cell in cells:
+        fg = (cell.get("concurrency") or {}).get("fastgen")
+        if cell["budget_k"] is None or cell["arrivals"] != "burst" or not fg:
+            continue
+        here, roomy = cell["runs"]["fastgen"], ample.get((cell["output"], cell["arrivals"]))
+        withheld = fg["ideal"]["by_chunk"] - fg["ideal"]["by_rule"]
+        gain = roomy and bench.ratio(roomy["output_tokens_per_s"], here["output_tokens_per_s"])
+        ttft = roomy and bench.ratio(here["ttft_s"]["p50"], roomy["ttft_s"]["p50"])
+        limits = None if gain is None else (withheld >= 1 and gain > INSTANCE_SPREAD)
+        out.append({"cell": cell["name"], "by_rule": fg["ideal"]["by_rule"], "by_chunk": fg["ideal"]["by_chunk"],
+                    "withheld": withheld, "ample_gain": gain, "ttft_ratio": ttft, "limits": limits})
+    return out
+
+
+def format_headroom(rows: list[dict]) -> str:
+    """The console lines of ``admission_headroom``; "" without a memory-bound burst cell."""
+    if not rows:
+        return ""
+    lines = ["\n== admission headroom (what admitting by chunk, or no memory limit, could buy fastgen)"]
+    for r in rows:
+        verdict = {None: "no ample cell in this run", True: "the rule limits",
+                   False: "the rule does not limit"}[r["limits"]]
+        lines.append(f"{r['cell']:<24} rule {r['by_rule']} -> by chunk {r['by_chunk']} (+{r['withheld']}); "
+                     f"ample memory {_f(r['ample_gain'], '.2f', suffix='x')} output tok/s, "
+                     f"TTFT p50 here / ample {_f(r['ttft_ratio'], '.2f')}: {verdict}")
+    return "\n".join(lines)
+
+
 def target_checks(cells: list[dict]) -> list[dict]:
     """One line per (target, cell): the measured value, the bar, met or not (None: not measured)."""
     checks = []
@@ -853,6 +904,15 @@ def markdown_report(doc: dict) -> str:
                      pred if c["output"] == "long" else "-", _f(_tps(c["runs"], "fastgen"), ".2f")])
     if len(conc) > 1:
         out += ["Memory-bound concurrency:", "", _md(conc), ""]
+    head = [["cell", "fastgen ideal: rule -> by chunk", "ample memory's fastgen out tok/s / here",
+             "fastgen TTFT p50 here / ample", "the admission rule"]]
+    headroom = [[r["cell"], f"{r['by_rule']} -> {r['by_chunk']} (+{r['withheld']})",
+                 _f(r["ample_gain"], ".2f", suffix="x"), _f(r["ttft_ratio"], ".2f"),
+                 {None: "- (no ample cell)", True: "**limits**", False: "does not limit"}[r["limits"]]]
+                for r in admission_headroom(doc["cells"])]
+    if headroom:
+        out += ["Admission headroom (what admitting by chunk, or no memory limit, could buy fastgen):", "",
+                _md(head + headroom), ""]
     for label, curve in doc.get("curve", {}).items():
         rows = [["in flight", "output tok/s", "mean running", "TPOT p50", "wall"]]
         for p in curve["points"]:
@@ -918,6 +978,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     suite.finish()
     print(format_targets(suite.doc["targets"]))
+    print(format_headroom(admission_headroom(suite.doc["cells"])))
     if args.out:
         print(f"\n[suite] results in {args.out}")
     failed = any(r["failed"] or not r["server_alive_after"] for c in suite.doc["cells"] for r in c["runs"].values())
