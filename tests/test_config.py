@@ -80,7 +80,8 @@ def test_read_policy_file_returns_the_raw_mapping(tmp_path):
 
 
 FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 0.2, "frequent_ratio": 0.3,
-                  "recent_window": 8, "decode_protect": 0, "pool_kernel": 1, "observation_window": 32}
+                  "recent_window": 8, "decode_protect": 0, "pool_kernel": 1, "observation_window": 32,
+                  "compress_by_chunk": False}
 
 
 @pytest.mark.parametrize(
@@ -94,12 +95,15 @@ FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 
         ({"recent_window": 32, "decode_protect": 16}, {**FASTGEN_SERVER, "recent_window": 32, "decode_protect": 16}),
         ({"kv_policy": "fastgen-paper"}, {"kv_policy": "fastgen-paper", "recovery_ratio": 0.95, "local_ratio": 0.3,
                                           "frequent_ratio": 0.3, "recent_window": 0, "decode_protect": 0,
-                                          "pool_kernel": 1, "observation_window": 32}),
-        # another policy starts from its own defaults; only observation_window carries over
+                                          "pool_kernel": 1, "observation_window": 32,
+                                          "compress_by_chunk": False}),
+        # another policy starts from its own defaults; only the profiling settings carry over
         ({"kv_policy": "h2o"}, {"kv_policy": "h2o", "budget_ratio": 0.5, "recent_fraction": 0.5,
-                                "observation_window": 32}),
+                                "observation_window": 32, "compress_by_chunk": False}),
         ({"kv_policy": "streamingllm", "sink_tokens": 8, "observation_window": 16},
-         {"kv_policy": "streamingllm", "budget_ratio": 0.5, "sink_tokens": 8, "observation_window": 16}),
+         {"kv_policy": "streamingllm", "budget_ratio": 0.5, "sink_tokens": 8, "observation_window": 16,
+          "compress_by_chunk": False}),
+        ({"compress_by_chunk": True}, {**FASTGEN_SERVER, "compress_by_chunk": True}),
     ],
 )
 def test_request_policy_settings(extra_args, expected):
@@ -116,6 +120,9 @@ def test_request_policy_settings(extra_args, expected):
         ({"kv_policy": "h2o", "recovery_ratio": 0.9}, "unknown hyperparameter.*recovery_ratio.*kv_policy='h2o'"),
         ({"kv_policy": "bogus"}, "kv_policy='bogus' is unknown: allowed values are full, fastgen"),
         ({"observation_window": 0}, "observation_window=0"),
+        ({"compress_by_chunk": "yes"}, "compress_by_chunk='yes' is invalid: allowed values are true and false"),
+        ({"kv_policy": "full", "compress_by_chunk": True}, "compress_by_chunk=True does not apply to "
+                                                           "kv_policy='full'"),
         ({"recent_window": -4}, r"recent_window=-4 is invalid: allowed values are integers from 0 to 1024"),
         ({"kv_policy": "fastgen-paper", "decode_protect": 8}, r"decode_protect=8 is invalid for kv_policy='fastgen-paper'"),
     ],

@@ -71,7 +71,10 @@ def test_native_available_for_the_embedded_shapes():
 @pytest.mark.parametrize("heads,group", [(3, 3), (2, 1)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("policy,settings", [("fastgen", {"recovery_ratio": 0.6, "observation_window": 24}),
-                                             ("h2o", {"budget_ratio": 0.4}), ("full", {})])
+                                             ("h2o", {"budget_ratio": 0.4}), ("full", {}),
+                                             # a's first chunk is evicted (and its window scored) on its own
+                                             ("fastgen", {"recovery_ratio": 0.6, "observation_window": 24,
+                                                          "compress_by_chunk": True})])
 def test_native_matches_torch_path(heads, group, dtype, tol, policy, settings):
     check_native_matches_torch_path(heads, group, dtype, tol, policy, settings, fused=None)
 

@@ -152,6 +152,7 @@ def test_cli_precedence_flag_over_additional_config_over_file(hooks, smollm2_dir
     )
     assert engine_args.additional_config == {
         "other_plugin": "x", "kv_policy": "h2o", "budget_ratio": 0.3, "recent_fraction": 0.5, "observation_window": 16,
+        "compress_by_chunk": False,
     }
 
 
@@ -194,7 +195,7 @@ def test_policy_switches_on_the_plugin(hooks, smollm2_dir):
 
     expected = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 0.3, "frequent_ratio": 0.3,
                 "recent_window": FastGen.recent_window, "decode_protect": FastGen.decode_protect,
-                "pool_kernel": FastGen.pool_kernel, "observation_window": 64}
+                "pool_kernel": FastGen.pool_kernel, "observation_window": 64, "compress_by_chunk": False}
     assert config.additional_config == {"other_plugin": [1, 2], **expected}
     assert hooks.policy_settings_of(config) == expected
     assert config.parallel_config.worker_cls == hooks.WORKERS["cpu"]

@@ -17,7 +17,7 @@ from vllm_adaptive_kv.plugin.engine_args import validated_settings
 
 
 def keys_of(name: str) -> str:
-    return ", ".join(["kv_policy", *policy_fields(name), "observation_window"])
+    return ", ".join(["kv_policy", *policy_fields(name), "observation_window", "compress_by_chunk"])
 
 
 @pytest.fixture

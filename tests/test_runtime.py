@@ -141,6 +141,51 @@ def test_eviction_frees_pages_and_never_leaks(policy, settings, path):
     assert rt.pages_in_use() == 0
 
 
+# compress_by_chunk on the torch path for every policy, and FastGen on the Triton kernels.
+@pytest.mark.parametrize("policy,settings,path", [(*case, "torch") for case in EVICTING] + [
+    pytest.param(*EVICTING[0], "triton", marks=PATHS[1].marks)])
+def test_compress_by_chunk_evicts_every_chunk_and_settles_rungs_at_the_prompt_end(policy, settings, path):
+    rt, model = make_runtime(policy, path=path, compress_by_chunk=True, **settings), FakeModel(3)
+    whole, whole_model = make_runtime(policy, path=path, **settings), FakeModel(3)  # the same tokens, unchunked rule
+    for runtime in (rt, whole):
+        runtime.add("a", prompt_len=320)
+    row = rt.rows["a"]
+    for start in (0, 128):  # two chunks short of the prompt's end
+        report = run_step(rt, model, ["a"], [128], [start], check=False)
+        held = run_step(whole, whole_model, ["a"], [128], [start], check=False).requests["a"].pages_held
+        a = report.requests["a"]
+        assert report.evicted_tokens > 0 and a.pages_held < held  # pages went back before the prompt ended
+        assert a.tokens == start + 128 and not report.head_policy_counts  # no rung chosen yet
+        pages = rt.cache.table[row][rt.cache.table[row] >= 0].long()
+        assert not rt.pool.slot_score[pages].any()  # the next chunk's profile starts from zero
+        assert rt.state[row].profile_rows() == 64  # the chunk's last observation_window rows
+        rt.cache.audit()
+    report = run_step(rt, model, ["a"], [64], [256], check=False)  # the prompt's end: rungs settle
+    assert sum(report.head_policy_counts.values()) == L * H and rt.state[row].profiled
+    for i in range(BS + 1):  # decode as usual, re-evictions included
+        report = run_step(rt, model, ["a"], [1], [320 + i], check=False)
+        rt.cache.audit()
+    assert report.requests["a"].tokens == 320 + BS + 1
+    rt.release(["a"])
+    assert rt.pages_in_use() == 0
+    rt.cache.audit()
+
+
+def test_compress_by_chunk_observes_each_chunks_last_window_only():
+    rt = make_runtime("fastgen", compress_by_chunk=True, observation_window=8)
+    rt.add("a", prompt_len=30)
+    st = rt.state[rt.rows["a"]]
+    assert st.observation_start(12) == 4  # chunk [0, 12): its last 8 positions
+    assert st.observation_start(5) == 0  # a chunk shorter than the window: all of it
+    st.tokens = 12
+    assert st.observation_start(30) == 22 and st.observation_start(14) == 12  # the last chunk; a short one
+    plain = make_runtime("fastgen", observation_window=8)
+    plain.add("a", prompt_len=30)
+    assert plain.state[plain.rows["a"]].observation_start(12) == 22  # the prompt's last 8, whatever the chunk
+    st.tokens = 30
+    assert st.observation_start(31) == 22  # decode: every later token, as without chunks
+
+
 def test_special_tokens_survive_fastgen(path):
     rt, model = make_runtime("fastgen", path=path, recovery_ratio=0.3), FakeModel(2)
     rt.add("a", prompt_len=64)

@@ -23,12 +23,23 @@ pool_kernel         snapkv, fastgen: max-pool width over       7 (snapkv),
                     scores before the top-k (odd; fastgen's    1 (fastgen)
                     frequent rung, not in the paper)
 observation_window  profiling: last W prompt queries used      64
+compress_by_chunk   evict at the end of every prefill chunk,   false
+                    each chunk profiled on its own last W
+                    queries (any policy but full; see below)
 =================== ========================================== ============
 
 A key that does not apply to the chosen policy is an error, so a typo never
 silently falls back to a default. ``fastgen-paper`` takes fastgen's keys, with
 ``recent_window`` and ``decode_protect`` fixed at 0 and ``pool_kernel`` at 1 (the
 paper's FastGen).
+
+``compress_by_chunk``: a long prompt prefilled in chunks then never holds all of
+its tokens at once, so admitting by chunk (vLLM's ``--no-scheduler-reserve-full-isl``)
+can run more requests in the same pages. Each chunk's eviction is the policy's
+prompt-end eviction as if the prompt ended there (a per-head policy profiles the
+chunk's last ``observation_window`` queries), and scores restart at each chunk:
+tokens evicted early are gone for later chunks, so it trades quality for memory
+(docs/performance.md measures it).
 
 The same keys travel through vLLM's ``additional_config`` (server default, stored
 in ``KVPolicyConfig.to_dict()`` form) and ``SamplingParams.extra_args`` (per-request
@@ -45,7 +56,7 @@ from typing import Any, Mapping
 
 from .policies import POLICY_NAMES, make_policy
 
-PROFILING_KEYS = {"observation_window": 64}
+PROFILING_KEYS = {"observation_window": 64, "compress_by_chunk": False}
 
 
 def policy_fields(name: str) -> tuple[str, ...]:
@@ -66,11 +77,18 @@ class KVPolicyConfig:
 
     policy: Any
     observation_window: int = 64
+    compress_by_chunk: bool = False
 
     def __post_init__(self) -> None:
         w = self.observation_window
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
             raise ValueError(f"observation_window={w!r} is invalid: allowed values are integers >= 1")
+        if not isinstance(self.compress_by_chunk, bool):
+            raise ValueError(f"compress_by_chunk={self.compress_by_chunk!r} is invalid: allowed values are "
+                             "true and false")
+        if self.compress_by_chunk and self.policy.name == "full":
+            raise ValueError("compress_by_chunk=True does not apply to kv_policy='full' (it evicts nothing): "
+                             "allowed with fastgen, fastgen-paper, streamingllm, h2o, snapkv")
 
     @property
     def name(self) -> str:
@@ -78,7 +96,8 @@ class KVPolicyConfig:
 
     def to_dict(self) -> dict:
         fields = {f.name: getattr(self.policy, f.name) for f in dataclasses.fields(self.policy)}
-        return {"kv_policy": self.name, **fields, "observation_window": self.observation_window}
+        return {"kv_policy": self.name, **fields, "observation_window": self.observation_window,
+                "compress_by_chunk": self.compress_by_chunk}
 
 
 def parse_policy_config(settings: Mapping[str, Any]) -> KVPolicyConfig:
@@ -137,7 +156,8 @@ def request_policy_settings(default: Mapping[str, Any], extra_args: Mapping[str,
     ``SamplingParams.extra_args`` (keys outside POLICY_KEYS are ignored). A request
     that names a different ``kv_policy`` starts from that policy's own defaults,
     because the server's hyperparameters belong to the server's policy; only the
-    server's ``observation_window`` carries over. Raises ValueError naming the bad
+    server's profiling settings (``PROFILING_KEYS``) carry over, ``compress_by_chunk``
+    only to a policy that evicts. Raises ValueError naming the bad
     key or value and what is allowed.
     """
     request, _ = split_policy_settings(extra_args)
@@ -145,6 +165,7 @@ def request_policy_settings(default: Mapping[str, Any], extra_args: Mapping[str,
     if name == default.get("kv_policy"):
         base = dict(default)
     else:
-        window = default.get("observation_window", PROFILING_KEYS["observation_window"])
-        base = {"kv_policy": name, "observation_window": window}
+        base = {"kv_policy": name, **{k: default.get(k, v) for k, v in PROFILING_KEYS.items()}}
+        if name == "full":
+            base.pop("compress_by_chunk")
     return parse_policy_config({**base, **request}).to_dict()

@@ -77,10 +77,29 @@ class RowState:
     # [L, H] bool: lists whose decode tokens accumulate scores (None = all of them).
     # A policy that chooses per head narrows it at the prompt's end (``scores_needed``).
     score_heads: torch.Tensor | None = None
+    observed: int = 0  # observation rows of the request in its latest step
 
     @property
     def window_start(self) -> int:
         return max(0, self.prompt_len - self.config.observation_window)
+
+    def observation_start(self, step_end: int) -> int:
+        """First observation row of a step over positions ``[tokens, step_end)``, planned
+        before the state counts it: the prompt's last ``observation_window`` positions
+        and every later one; with ``compress_by_chunk``, a prompt chunk's own last ones
+        (its scores restart at each chunk, so only this chunk's rows count)::
+
+            prompt 0 ............................................. P
+            chunk  [tokens ........ step_end)
+                                [step_end - W, step_end)   observed, W = observation_window
+        """
+        if self.config.compress_by_chunk and step_end <= self.prompt_len:
+            return max(self.tokens, step_end - self.config.observation_window)
+        return self.window_start
+
+    def profile_rows(self) -> int:
+        """Observation rows behind the slot scores at a prompt or chunk end (after the step)."""
+        return self.observed if self.config.compress_by_chunk else self.tokens - self.window_start
 
     @property
     def needs_scores(self) -> bool:
@@ -190,6 +209,7 @@ class HeadCacheRuntime:
             slot_mapping=slot_mapping)
         meta = StepMetadata(requests, tokens, self._plan_scoring(states, requests, tokens))
         for st, n in zip(states, num_tokens):
+            st.observed = st.tokens + n - max(st.tokens, min(st.tokens + n, st.observation_start(st.tokens + n)))
             st.tokens += n
             st.longest += n
             st.longest_evictable += n
@@ -253,15 +273,15 @@ class HeadCacheRuntime:
         if not any(s.needs_scores for s in states):
             return None
         device = self.cache.device
-        window = torch.tensor([s.window_start if s.needs_scores else 1 << 30 for s in states],
-                              dtype=torch.int32, device=device)
+        window = torch.tensor([s.observation_start(s.tokens + n) if s.needs_scores else 1 << 30
+                               for s, n in zip(states, requests.num_tokens)], dtype=torch.int32, device=device)
         per_token = torch.repeat_interleave(window, torch.tensor(requests.num_tokens, device=device),
                                             output_size=tokens.positions.numel())
         scoring = StepScoring(weight=(tokens.positions >= per_token).to(torch.float32), lists=self.score_lists)
         if self.attention.scores_by_list:
             decode, decode_heads = [], []
             for row, start, n, st in zip(requests.rows, requests.starts, requests.num_tokens, states):
-                first = start + max(0, st.window_start - st.tokens)
+                first = start + max(0, st.observation_start(st.tokens + n) - st.tokens)
                 if not st.needs_scores or first >= start + n:
                     continue
                 if n == 1:
@@ -314,6 +334,11 @@ class HeadCacheRuntime:
                       and self.state[r].tokens >= self.state[r].prompt_len]
         due_decode = [r for r in rows if self.state[r].profiled
                       and self.state[r].since_evict >= self.block_size]
+        due_chunk = [r for r in rows if self.state[r].config.compress_by_chunk
+                     and self.state[r].tokens < self.state[r].prompt_len]
+        if due_chunk:
+            self._evict(due_chunk, at_prompt_end=True, final=False)
+            self._restart_scores(due_chunk)
         if due_prompt:
             self._evict(due_prompt, at_prompt_end=True)
         if due_decode:
@@ -347,19 +372,29 @@ class HeadCacheRuntime:
             report.requests[req_id] = RequestReport(held, full_last, slots, self.state[row].tokens)
         return report
 
-    def _evict(self, rows: list[int], at_prompt_end: bool) -> None:
-        """Apply each request's policy to its lists and compact them (batched per policy)."""
+    def _evict(self, rows: list[int], at_prompt_end: bool, final: bool = True) -> None:
+        """Apply each request's policy to its lists and compact them (batched per policy).
+
+        ``final`` False: a prompt chunk's end (``compress_by_chunk``), evicted like the
+        prompt's end but choosing no rung and counting no decision.
+        """
         groups: dict[KVPolicyConfig, list[int]] = {}
         for r in rows:
             groups.setdefault(self.state[r].config, []).append(r)
         for config, group_rows in groups.items():
             if config.name == "full":  # keeps everything: nothing to compute or move
-                if at_prompt_end:
+                if at_prompt_end and final:
                     self._decisions["full"] += len(group_rows) * self.num_layers * self.num_kv_heads
                 continue
-            self._evict_group(config, group_rows, at_prompt_end)
+            self._evict_group(config, group_rows, at_prompt_end, final)
 
-    def _evict_group(self, config: KVPolicyConfig, rows: list[int], at_prompt_end: bool) -> None:
+    def _restart_scores(self, rows: list[int]) -> None:
+        """Zero the slot scores of every page of ``rows``: the next chunk's observation
+        rows are all that its profile (or the prompt end's) may sum."""
+        pages = self.cache.table[torch.tensor(rows, dtype=torch.int64, device=self.cache.device)].reshape(-1)
+        self.pool.slot_score.index_fill_(0, pages[pages >= 0].to(torch.int64), 0.0)
+
+    def _evict_group(self, config: KVPolicyConfig, rows: list[int], at_prompt_end: bool, final: bool = True) -> None:
         """Keep masks, then compaction, of the group's lists: every list at the prompt's end;
         afterwards only ``evict_lists``, over the slots of the longest of them."""
         states = [self.state[r] for r in rows]
@@ -375,29 +410,31 @@ class HeadCacheRuntime:
             lists = torch.cat([st.evict_lists for st in states])
             num_slots = max(st.longest_evictable for st in states)
         view = self._slot_view(lists, counts, states, num_slots)
-        keep = self._keep_mask(config, rows, rows_t, lists, view, at_prompt_end)
+        keep = self._keep_mask(config, rows, rows_t, lists, view, at_prompt_end, final)
         before = self.cache.lens.view(-1)[lists].to(torch.int64).sum()
         plan = self.cache.plan_list_compaction(lists, keep)
         self.attention.compact(plan)
         self.cache.commit_compaction(plan)
         self._evicted += before - plan.new_lens.to(torch.int64).sum()
 
-    def _keep_mask(self, config, rows, rows_t, lists, view: SlotView, at_prompt_end: bool) -> torch.Tensor:
+    def _keep_mask(self, config, rows, rows_t, lists, view: SlotView, at_prompt_end: bool,
+                   final: bool = True) -> torch.Tensor:
         policy = config.policy
         if not getattr(policy, "chooses_per_head", False):
-            if at_prompt_end:
+            if at_prompt_end and final:
                 self._decisions[config.name] += view.lengths.numel()
             return policy.keep_mask(view)
         if not at_prompt_end:
             return policy.keep_mask(view, self.choice.view(-1)[lists])
         shape = (len(rows), self.num_layers, self.num_kv_heads)
-        window_tokens = torch.tensor([self.state[r].tokens - self.state[r].window_start for r in rows],
+        window_tokens = torch.tensor([self.state[r].profile_rows() for r in rows],
                                      dtype=torch.int64, device=rows_t.device)
         window_rows = (window_tokens * self.query_group)[:, None].expand(shape[0], shape[1] * shape[2])
         profile = FastGenProfiler(policy).profile_window(view, view.scores, window_rows.reshape(-1))
         choice, keep = profile.choice.view(shape), profile.keep
-        self.apply_choice(rows, choice)
-        self._record_choices(policy, rows, choice)
+        if final:  # a chunk's profile only evicts; the prompt's end settles each list's rung
+            self.apply_choice(rows, choice)
+            self._record_choices(policy, rows, choice)
         return keep
 
     def apply_choice(self, rows: list[int], choice: torch.Tensor) -> None:
