@@ -162,6 +162,20 @@ def test_cell_ratios_concurrency_and_targets():
         {**few, "budget_bytes": 1 << 26, "runs": {}})
 
 
+def test_chunk_compress_is_held_to_the_by_chunk_ideal():
+    assert "--no-scheduler-reserve-full-isl" in bench_suite.CONFIGS["fastgen-chunk-compress"].serve_args
+    assert "compress_by_chunk" in " ".join(bench_suite.CONFIGS["fastgen-chunk-compress"].serve_args)
+    runs = {label: _row(10.0, kept=0.55, mean=3.0, peak=4) for label in ("fastgen", "fastgen-chunk-compress")}
+    cell = {"name": "bound-2/short/burst", "budget_k": 2, "arrivals": "burst", "output": "short", "runs": runs,
+            "workload": {"requests": 16, "prompt_tokens": {"mean": 1300}, "output_tokens": {"max": 16}}}
+    capacity, blocks = {k: 3328 for k in runs}, {k: 32 for k in runs}
+    conc = bench_suite.cell_concurrency(cell, capacity, blocks, None)
+    rule, chunked = conc["fastgen"], conc["fastgen-chunk-compress"]
+    assert rule["ideal"]["by_rule"] == 3 and rule["ideal"]["by_chunk"] == 4
+    assert rule["ideal_mean"] == pytest.approx(16 / 6) and chunked["ideal_mean"] == pytest.approx(4.0)
+    assert chunked["mean_vs_ideal"] == pytest.approx(0.75)
+
+
 def test_markdown_report_of_a_run():
     row = {"output_tokens_per_s": 10.0, "peak_running": 2, "mean_running": 1.9, "preemptions": 0,
            "kept_fraction": 0.55, "ttft_s": {"p50": 1.0, "p99": 2.0}, "tpot_s": {"p50": 0.02, "p99": 0.05},

@@ -425,7 +425,12 @@ def test_variants_name_their_settings_and_bad_values():
     assert window.label == "fastgen[recent_window=32,decode_protect=16] T=0.95"
     assert window.extra_args == {"kv_policy": "fastgen", "recent_window": 32, "decode_protect": 16,
                                  "recovery_ratio": 0.95}
+    chunked = ev.fastgen_setting(0.9, "compress_by_chunk=true")
+    assert chunked.label == "fastgen[compress_by_chunk=True] T=0.90"
+    assert chunked.extra_args == {"kv_policy": "fastgen", "compress_by_chunk": True, "recovery_ratio": 0.9}
     for bad, message in [("recent_window=-1", "recent_window=-1 is invalid"),
+                         ("compress_by_chunk=yes", "compress_by_chunk='yes' is not a number, true or false"),
+                         ("recent_window=true", "recent_window=True is invalid"),
                          ("recent_windows=8", "unknown hyperparameter.*recent_windows"),
                          ("recent_window", "allowed values are default, paper or key=value"),
                          ("recovery_ratio=0.9", "set by --recovery-ratios")]:
@@ -435,6 +440,10 @@ def test_variants_name_their_settings_and_bad_values():
     args = ev.resolve_args(parser.parse_args(["--variants", "paper,default,paper", "--tasks", "ruler,chat"]), parser)
     assert args.variants == ["paper", "default"] and args.tasks == [*ev.RULER_TASKS, "chat"]
     assert ev.resolve_args(parser.parse_args(["--quick"]), parser).tasks == list(ev.QUICK_TASKS)
+    assert parser.parse_args(["--max-num-batched-tokens", "256"]).max_num_batched_tokens == 256
+    assert parser.parse_args([]).max_num_batched_tokens is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-num-batched-tokens", "8"])
 
 
 def test_ruler_items_score_partial_credit():

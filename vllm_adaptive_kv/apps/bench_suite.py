@@ -100,6 +100,10 @@ CONFIGS = {c.label: c for c in (
     # against free blocks; the plugin still compresses at the prompt's end.
     SuiteConfig("fastgen-chunk-admit", "fastgen", None, ("--no-scheduler-reserve-full-isl",),
                 "fastgen admitted by its first prefill chunk (--no-scheduler-reserve-full-isl)"),
+    # ... and compressing at every chunk's end, so a prompt never holds all its pages.
+    SuiteConfig("fastgen-chunk-compress", "fastgen", None,
+                ("--no-scheduler-reserve-full-isl", "--additional-config.compress_by_chunk", "true"),
+                "fastgen admitted by chunk and compressed at every chunk's end (compress_by_chunk)"),
 )}
 DEFAULT_CONFIGS = ("vanilla", f"vanilla-bs{PLUGIN_BLOCK}", "full", "fastgen")
 SAME_BLOCK_VANILLA = f"vanilla-bs{PLUGIN_BLOCK}"
@@ -168,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Poisson rate as a fraction of the first configuration's burst requests/s (default 0.9)")
     w.add_argument("--configs", type=typed(lambda t: parse_list("--configs", t, str, tuple(CONFIGS))),
                    default=",".join(DEFAULT_CONFIGS), metavar="LIST",
-                   help=f"run in this order (default {','.join(DEFAULT_CONFIGS)}; also fastgen-chunk-admit)")
+                   help=f"run in this order (default {','.join(DEFAULT_CONFIGS)}; also fastgen-chunk-admit, "
+                        "fastgen-chunk-compress)")
     w.add_argument("--curve-points", type=typed(_points), default="1,2,4,8,16", metavar="LIST",
                    help="batching curve: requests in flight ('none' to skip; default 1,2,4,8,16)")
     w.add_argument("--curve-configs", type=typed(lambda t: parse_list("--curve-configs", t, str, tuple(CONFIGS))),
@@ -381,14 +386,15 @@ def cell_concurrency(cell: dict, capacity: dict, block_sizes: dict, max_num_seqs
     w = cell["workload"]
     prompt, output, n = w["prompt_tokens"]["mean"], w["output_tokens"]["max"], w["requests"]
     out = {}
-    for label in ("fastgen", "fastgen-chunk-admit"):
+    for label in ("fastgen", "fastgen-chunk-admit", "fastgen-chunk-compress"):
         row = cell["runs"].get(label)
         if not row or row.get("kept_fraction") is None or label not in capacity:
             continue
         ideal = ideal_running(capacity[label], block_sizes[label], prompt, output, row["kept_fraction"], n,
                               max_num_seqs)
         mean = row.get("mean_running")
-        target = burst_mean(n, ideal["by_rule"]) if cell["arrivals"] == "burst" else ideal["by_rule"]
+        at_once = ideal["by_chunk" if label == "fastgen-chunk-compress" else "by_rule"]  # what its admission allows
+        target = burst_mean(n, at_once) if cell["arrivals"] == "burst" else at_once
         out[label] = {"ideal": ideal, "peak_running": row.get("peak_running"), "mean_running": mean,
                       "ideal_mean": target, "mean_vs_ideal": bench.ratio(mean, target),
                       "preemptions": row.get("preemptions")}

@@ -201,11 +201,12 @@ class Setting:
 
 def parse_variant(spec: str) -> tuple[str, dict, str]:
     """A FastGen variant: ``default`` (fastgen's defaults), ``paper`` (``fastgen-paper``) or
-    ``key=value+key=value`` (fastgen with these hyperparameters, e.g. ``recent_window=32``).
+    ``key=value+key=value`` (fastgen with these settings, e.g. ``recent_window=32`` or
+    ``compress_by_chunk=true``; values are numbers, true or false).
 
     Returns (kv_policy, params, family label); ValueError naming a bad key or value.
     """
-    from ..core.policies import make_policy
+    from ..core.config import parse_policy_config
 
     if spec == "default":
         return "fastgen", {}, "fastgen"
@@ -217,17 +218,23 @@ def parse_variant(spec: str) -> tuple[str, dict, str]:
         if not sep or not key:
             raise ValueError(f"variant {spec!r} is invalid: allowed values are default, paper or "
                              "key=value pairs joined by '+' (e.g. recent_window=32+decode_protect=32)")
-        try:
-            params[key] = int(value)
-        except ValueError:
-            try:
-                params[key] = float(value)
-            except ValueError:
-                raise ValueError(f"variant {spec!r}: {key}={value!r} is not a number") from None
+        params[key] = variant_value(spec, key, value)
     if "recovery_ratio" in params:
         raise ValueError(f"variant {spec!r}: recovery_ratio is set by --recovery-ratios, not by a variant")
-    make_policy("fastgen", **params)  # names a bad key or value
+    parse_policy_config({"kv_policy": "fastgen", **params})  # names a bad key or value
     return "fastgen", params, "fastgen[" + ",".join(f"{k}={v}" for k, v in params.items()) + "]"
+
+
+def variant_value(spec: str, key: str, value: str):
+    """``true`` / ``false`` as bools, else an int or a float; ValueError naming the value."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ValueError(f"variant {spec!r}: {key}={value!r} is not a number, true or false")
 
 
 def fastgen_setting(recovery_ratio: float, variant: str = "default") -> Setting:
@@ -1112,6 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", metavar="RESULTS_JSON", default=None,
                    help="no run: redraw results.md and the PNGs into --out-dir from an earlier results.json")
     p.add_argument("--kv-cache-mib", type=int, default=512, help="KV budget of the engine in MiB (default 512)")
+    p.add_argument("--max-num-batched-tokens", type=batched_tokens_arg, default=None, metavar="N",
+                   help="the engine's token budget per step (default vLLM's): below the prompt lengths, prompts "
+                        "are prefilled in chunks (what the compress_by_chunk variant acts on)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype")
     p.add_argument("--model", default="smollm2", metavar="NAME_OR_DIR",
                    help=f"a model name known to vllm_adaptive_kv.model ({', '.join(sorted(MODELS))}) or a Hugging "
@@ -1120,6 +1130,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompts per task, a subset spread over lengths and depths (default: all, "
                         f"{FULL_SIZE.max_prompts}; --quick: {QUICK_SIZE.max_prompts})")
     return p
+
+
+def batched_tokens_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed values are integers >= 32")
+    return value
 
 
 def prompts_arg(text: str) -> int:
@@ -1237,6 +1257,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         kvpress_python(args)  # fails early, before the engine starts, if the venv is missing
     llm = LLM(folder, dtype=args.dtype, max_model_len=max_model_len,
               kv_cache_memory_bytes=args.kv_cache_mib << 20, enforce_eager=True, seed=0,
+              **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}),
               disable_log_stats=False, additional_config={"kv_policy": "full"},
               logits_processors=[TeacherForcing])
     fidelity = None if args.no_fidelity else FidelityRun(tempfile.mkdtemp(prefix="adaptive-kv-fidelity-"))
