@@ -160,6 +160,7 @@ def test_compress_by_chunk_evicts_every_chunk_and_settles_rungs_at_the_prompt_en
         assert not rt.pool.slot_score[pages].any()  # the next chunk's profile starts from zero
         assert rt.state[row].profile_rows() == 64  # the chunk's last observation_window rows
         rt.cache.audit()
+    assert rt.chunk_evictions == 2 and whole.chunk_evictions == 0
     report = run_step(rt, model, ["a"], [64], [256], check=False)  # the prompt's end: rungs settle
     assert sum(report.head_policy_counts.values()) == L * H and rt.state[row].profiled
     for i in range(BS + 1):  # decode as usual, re-evictions included

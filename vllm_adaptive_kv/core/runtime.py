@@ -10,6 +10,8 @@ nothing of vLLM. It does the step's bookkeeping and hands attention to the
     attend(layer, q, k, v, out)     x L: write K/V, then the attention path (which
                                     also adds observation rows' attention to the scores)
     finish_step(meta)               prompt complete -> profile + evict + compact;
+                                    a prompt chunk's end with ``compress_by_chunk``
+                                    -> the same, without settling rungs;
                                     every ``block_size`` decode tokens -> re-evict;
                                     -> StepReport (a RequestReport per request, for the scheduler)
     release(req_ids)                finish / abort / preemption: every page back at once
@@ -140,6 +142,7 @@ class HeadCacheRuntime:
         self._free_floor = pool.num_pages
         self._evicted = torch.zeros((), dtype=torch.int64, device=device)
         self._decisions: Counter = Counter()
+        self.chunk_evictions = 0  # (request, prompt chunk) evictions short of a prompt's end, ever
         # req_id -> [layer][kv_head] policy name chosen at prompt end (policies that
         # choose per head); the most recent PROFILE_HISTORY requests, for plots and audits.
         self.head_policies: OrderedDict[str, list[list[str]]] = OrderedDict()
@@ -339,6 +342,7 @@ class HeadCacheRuntime:
         if due_chunk:
             self._evict(due_chunk, at_prompt_end=True, final=False)
             self._restart_scores(due_chunk)
+            self.chunk_evictions += len(due_chunk)
         if due_prompt:
             self._evict(due_prompt, at_prompt_end=True)
         if due_decode:

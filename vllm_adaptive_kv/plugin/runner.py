@@ -96,7 +96,8 @@ class AdaptiveRunnerMixin:
         runtime = self._adaptive_source.runtime
         audit = runtime.cache.audit()  # raises AssertionError naming a leak / double owner
         return {"live_requests": sorted(runtime.rows), "pages_in_use": runtime.pages_in_use(),
-                "num_pages": runtime.cache.num_pages, "attention_path": runtime.attention.name, **audit}
+                "num_pages": runtime.cache.num_pages, "attention_path": runtime.attention.name,
+                "chunk_evictions": runtime.chunk_evictions, **audit}
 
     def adaptive_kv_head_policies(self) -> dict:
         """req_id -> [layer][kv_head] FastGen policy name, most recent requests last."""
