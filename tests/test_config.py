@@ -104,6 +104,9 @@ FASTGEN_SERVER = {"kv_policy": "fastgen", "recovery_ratio": 0.9, "local_ratio": 
          {"kv_policy": "streamingllm", "budget_ratio": 0.5, "sink_tokens": 8, "observation_window": 16,
           "compress_by_chunk": False}),
         ({"compress_by_chunk": True}, {**FASTGEN_SERVER, "compress_by_chunk": True}),
+        # over HTTP, vllm_xargs turns JSON true into 1
+        ({"compress_by_chunk": 1}, {**FASTGEN_SERVER, "compress_by_chunk": True}),
+        ({"compress_by_chunk": "false"}, {**FASTGEN_SERVER, "compress_by_chunk": False}),
     ],
 )
 def test_request_policy_settings(extra_args, expected):
@@ -121,6 +124,7 @@ def test_request_policy_settings(extra_args, expected):
         ({"kv_policy": "bogus"}, "kv_policy='bogus' is unknown: allowed values are full, fastgen"),
         ({"observation_window": 0}, "observation_window=0"),
         ({"compress_by_chunk": "yes"}, "compress_by_chunk='yes' is invalid: allowed values are true and false"),
+        ({"compress_by_chunk": 2}, "compress_by_chunk=2 is invalid"),
         ({"kv_policy": "full", "compress_by_chunk": True}, "compress_by_chunk=True does not apply to "
                                                            "kv_policy='full'"),
         ({"recent_window": -4}, r"recent_window=-4 is invalid: allowed values are integers from 0 to 1024"),
@@ -132,3 +136,12 @@ def test_request_policy_settings_names_bad_values(extra_args, message):
 
     with pytest.raises(ValueError, match=message):
         request_policy_settings(FASTGEN_SERVER, extra_args)
+
+
+def test_a_servers_compress_by_chunk_follows_requests_to_evicting_policies_only():
+    from vllm_adaptive_kv.core.config import request_policy_settings
+
+    server = {**FASTGEN_SERVER, "compress_by_chunk": True}
+    assert request_policy_settings(server, {"kv_policy": "h2o"})["compress_by_chunk"] is True
+    full = request_policy_settings(server, {"kv_policy": "full"})
+    assert full == {"kv_policy": "full", "observation_window": 32, "compress_by_chunk": False}

@@ -442,6 +442,8 @@ def test_variants_name_their_settings_and_bad_values():
     assert ev.resolve_args(parser.parse_args(["--quick"]), parser).tasks == list(ev.QUICK_TASKS)
     assert parser.parse_args(["--max-num-batched-tokens", "256"]).max_num_batched_tokens == 256
     assert parser.parse_args([]).max_num_batched_tokens is None
+    assert ev.step_budget(None) == {} and ev.step_budget(1024)["max_num_seqs"] == 256
+    assert ev.step_budget(64) == {"max_num_batched_tokens": 64, "max_num_seqs": 64}
     with pytest.raises(SystemExit):
         parser.parse_args(["--max-num-batched-tokens", "8"])
 

@@ -109,6 +109,9 @@ def check_native_matches_torch_path(heads, group, dtype, tol, policy, settings, 
         fused_spans += native_rt.last_plan.span_lists is not None
     for req in ("a", "b"):
         assert kept_positions(native_rt, req) == kept_positions(torch_rt, req)
+    # compress_by_chunk: a's first chunk (100 of 150 tokens) ended in an eviction on both paths
+    chunked = int(settings.get("compress_by_chunk", False))
+    assert native_rt.chunk_evictions == torch_rt.chunk_evictions == chunked
     # the C++ kernels attended and scored the scoring policies' decode lists, and scored
     # their prompt windows, whenever they are built
     fused = native_rt.attention.fused_scores and policy != "full"

@@ -174,17 +174,33 @@ def test_compress_by_chunk_evicts_every_chunk_and_settles_rungs_at_the_prompt_en
 
 def test_compress_by_chunk_observes_each_chunks_last_window_only():
     rt = make_runtime("fastgen", compress_by_chunk=True, observation_window=8)
-    rt.add("a", prompt_len=30)
+    rt.add("a", prompt_len=30)  # its last window: [22, 30)
     st = rt.state[rt.rows["a"]]
-    assert st.observation_start(12) == 4  # chunk [0, 12): its last 8 positions
-    assert st.observation_start(5) == 0  # a chunk shorter than the window: all of it
+    assert st.ends_chunk(12) and st.observation_start(12) == 4  # chunk [0, 12): its last 8 rows
+    assert not st.ends_chunk(5) and st.observation_start(5) == 22  # shorter than a window: no eviction
     st.tokens = 12
-    assert st.observation_start(30) == 22 and st.observation_start(14) == 12  # the last chunk; a short one
+    assert st.ends_chunk(10) and st.observation_start(10) == 14  # [12, 22) ends where the last window starts
+    assert not st.ends_chunk(12) and st.observation_start(12) == 22  # reaches into it: the usual rule
     plain = make_runtime("fastgen", observation_window=8)
     plain.add("a", prompt_len=30)
+    assert not plain.state[plain.rows["a"]].ends_chunk(12)
     assert plain.state[plain.rows["a"]].observation_start(12) == 22  # the prompt's last 8, whatever the chunk
     st.tokens = 30
-    assert st.observation_start(31) == 22  # decode: every later token, as without chunks
+    assert not st.ends_chunk(1) and st.observation_start(1) == 22  # decode: every later token, as without chunks
+
+
+def test_compress_by_chunk_prompt_end_still_profiles_a_whole_window():
+    rt, model = make_runtime("fastgen", compress_by_chunk=True, recovery_ratio=0.5), FakeModel(4)
+    rt.add("a", prompt_len=320)  # window 64: the last window is [256, 320)
+    row = rt.rows["a"]
+    run_step(rt, model, ["a"], [128], [0], check=False)  # evicts
+    run_step(rt, model, ["a"], [160], [128], check=False)  # ends at 288, inside the last window: no eviction
+    assert rt.chunk_evictions == 1 and rt.pool.slot_score.sum() > 0  # [256, 288) scored, kept for the end
+    report = run_step(rt, model, ["a"], [32], [288], check=False)  # a short tail ends the prompt
+    assert rt.state[row].profiled and rt.state[row].profile_rows() == 64  # all of [256, 320), not 32 rows
+    assert sum(report.head_policy_counts.values()) == L * H and rt.chunk_evictions == 1
+    rt.release(["a"])
+    assert rt.pages_in_use() == 0
 
 
 def test_special_tokens_survive_fastgen(path):

@@ -448,8 +448,8 @@ def admission_headroom(cells: list[dict]) -> list[dict]:
             continue
         here, roomy = cell["runs"]["fastgen"], ample.get((cell["output"], cell["arrivals"]))
         withheld = fg["ideal"]["by_chunk"] - fg["ideal"]["by_rule"]
-        gain = roomy and bench.ratio(roomy["output_tokens_per_s"], here["output_tokens_per_s"])
-        ttft = roomy and bench.ratio(here["ttft_s"]["p50"], roomy["ttft_s"]["p50"])
+        gain = bench.ratio(roomy["output_tokens_per_s"], here["output_tokens_per_s"]) if roomy else None
+        ttft = bench.ratio(here["ttft_s"]["p50"], roomy["ttft_s"]["p50"]) if roomy else None
         limits = None if gain is None else (withheld >= 1 and gain > INSTANCE_SPREAD)
         out.append({"cell": cell["name"], "by_rule": fg["ideal"]["by_rule"], "by_chunk": fg["ideal"]["by_chunk"],
                     "withheld": withheld, "ample_gain": gain, "ttft_ratio": ttft, "limits": limits})

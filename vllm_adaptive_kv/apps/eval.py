@@ -1132,7 +1132,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def step_budget(max_num_batched_tokens: int | None) -> dict:
+    """LLM keyword arguments for ``--max-num-batched-tokens``: vLLM also needs
+    ``max_num_seqs`` at most the step's tokens (its CPU default is 256)."""
+    if max_num_batched_tokens is None:
+        return {}
+    return {"max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": min(256, max_num_batched_tokens)}
+
+
 def batched_tokens_arg(text: str) -> int:
+    """At least 32 tokens a step: smaller chunks than a page make no sense to profile."""
     try:
         value = int(text)
     except ValueError:
@@ -1257,7 +1266,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         kvpress_python(args)  # fails early, before the engine starts, if the venv is missing
     llm = LLM(folder, dtype=args.dtype, max_model_len=max_model_len,
               kv_cache_memory_bytes=args.kv_cache_mib << 20, enforce_eager=True, seed=0,
-              **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}),
+              **step_budget(args.max_num_batched_tokens),
               disable_log_stats=False, additional_config={"kv_policy": "full"},
               logits_processors=[TeacherForcing])
     fidelity = None if args.no_fidelity else FidelityRun(tempfile.mkdtemp(prefix="adaptive-kv-fidelity-"))

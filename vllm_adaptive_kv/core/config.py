@@ -85,10 +85,11 @@ class KVPolicyConfig:
             raise ValueError(f"observation_window={w!r} is invalid: allowed values are integers >= 1")
         if not isinstance(self.compress_by_chunk, bool):
             raise ValueError(f"compress_by_chunk={self.compress_by_chunk!r} is invalid: allowed values are "
-                             "true and false")
+                             "true and false (or 1 and 0)")
         if self.compress_by_chunk and self.policy.name == "full":
+            evicting = ", ".join(name for name in POLICY_NAMES if name != "full")
             raise ValueError("compress_by_chunk=True does not apply to kv_policy='full' (it evicts nothing): "
-                             "allowed with fastgen, fastgen-paper, streamingllm, h2o, snapkv")
+                             f"allowed with {evicting}")
 
     @property
     def name(self) -> str:
@@ -100,6 +101,16 @@ class KVPolicyConfig:
                 "compress_by_chunk": self.compress_by_chunk}
 
 
+def as_flag(value: Any) -> Any:
+    """1 / 0 and "true" / "false" as bools (vLLM's ``vllm_xargs`` carries no JSON bool over
+    HTTP: ``true`` arrives as 1); any other value is returned as is, for the check to name."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
 def parse_policy_config(settings: Mapping[str, Any]) -> KVPolicyConfig:
     """Validate a mapping such as ``{"kv_policy": "fastgen", "recovery_ratio": 0.9}``."""
     if not isinstance(settings, Mapping):
@@ -109,6 +120,8 @@ def parse_policy_config(settings: Mapping[str, Any]) -> KVPolicyConfig:
     if name is None:
         raise ValueError(f"kv_policy is missing: allowed values are {', '.join(POLICY_NAMES)}")
     profiling = {k: settings.pop(k) for k in list(settings) if k in PROFILING_KEYS}
+    if "compress_by_chunk" in profiling:
+        profiling["compress_by_chunk"] = as_flag(profiling["compress_by_chunk"])
     policy = make_policy(str(name), **settings)
     return KVPolicyConfig(policy=policy, **profiling)
 

@@ -20,7 +20,9 @@ Rows: each live request owns one row of the page tables (``PagedHeadCache``).
 
 Scores: a slot's score is the attention it received from the request's
 *observation rows*: prompt positions ``>= prompt_len - observation_window`` and
-every later token (``StepScoring``). At the prompt's end these are exactly the
+every later token (``StepScoring``); with ``compress_by_chunk``, also the last
+``observation_window`` rows of each prompt chunk that ends in an eviction
+(``RowState.chunk_end``; scores restart after it). At the prompt's end these are exactly the
 window column sums FastGen profiling needs; afterwards they keep accumulating
 for the frequent / heavy-hitter components. Only requests whose policy declares
 ``needs_scores`` accumulate, and only in the lists of ``score_lists`` (a persistent
@@ -79,29 +81,34 @@ class RowState:
     # [L, H] bool: lists whose decode tokens accumulate scores (None = all of them).
     # A policy that chooses per head narrows it at the prompt's end (``scores_needed``).
     score_heads: torch.Tensor | None = None
-    observed: int = 0  # observation rows of the request in its latest step
+    chunk_end: bool = False  # its latest step ends in a chunk eviction (compress_by_chunk)
 
     @property
     def window_start(self) -> int:
         return max(0, self.prompt_len - self.config.observation_window)
 
-    def observation_start(self, step_end: int) -> int:
-        """First observation row of a step over positions ``[tokens, step_end)``, planned
-        before the state counts it: the prompt's last ``observation_window`` positions
-        and every later one; with ``compress_by_chunk``, a prompt chunk's own last ones
-        (its scores restart at each chunk, so only this chunk's rows count)::
+    def ends_chunk(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` from ``tokens`` (planned before the state counts
+        it) ends in a chunk eviction: ``compress_by_chunk``, a whole window of the chunk's
+        own rows to profile on, and done before the prompt's last window begins, so the
+        prompt's end still profiles on its full window::
 
-            prompt 0 ............................................. P
-            chunk  [tokens ........ step_end)
-                                [step_end - W, step_end)   observed, W = observation_window
+            prompt 0 ..................................... P-W ....... P
+            chunk  [tokens ....... end)                     |
+                           [end-W, end)  observed           end <= P-W, num_tokens >= W
         """
-        if self.config.compress_by_chunk and step_end <= self.prompt_len:
-            return max(self.tokens, step_end - self.config.observation_window)
+        w = self.config.observation_window
+        return self.config.compress_by_chunk and num_tokens >= w and self.tokens + num_tokens <= self.window_start
+
+    def observation_start(self, num_tokens: int) -> int:
+        """First observation row of a step of ``num_tokens`` from ``tokens`` (see ``ends_chunk``)."""
+        if self.ends_chunk(num_tokens):
+            return self.tokens + num_tokens - self.config.observation_window
         return self.window_start
 
     def profile_rows(self) -> int:
-        """Observation rows behind the slot scores at a prompt or chunk end (after the step)."""
-        return self.observed if self.config.compress_by_chunk else self.tokens - self.window_start
+        """Observation rows behind the slot scores at a chunk or prompt end (after the step)."""
+        return self.config.observation_window if self.chunk_end else self.tokens - self.window_start
 
     @property
     def needs_scores(self) -> bool:
@@ -212,7 +219,7 @@ class HeadCacheRuntime:
             slot_mapping=slot_mapping)
         meta = StepMetadata(requests, tokens, self._plan_scoring(states, requests, tokens))
         for st, n in zip(states, num_tokens):
-            st.observed = st.tokens + n - max(st.tokens, min(st.tokens + n, st.observation_start(st.tokens + n)))
+            st.chunk_end = st.ends_chunk(n)
             st.tokens += n
             st.longest += n
             st.longest_evictable += n
@@ -276,7 +283,7 @@ class HeadCacheRuntime:
         if not any(s.needs_scores for s in states):
             return None
         device = self.cache.device
-        window = torch.tensor([s.observation_start(s.tokens + n) if s.needs_scores else 1 << 30
+        window = torch.tensor([s.observation_start(n) if s.needs_scores else 1 << 30
                                for s, n in zip(states, requests.num_tokens)], dtype=torch.int32, device=device)
         per_token = torch.repeat_interleave(window, torch.tensor(requests.num_tokens, device=device),
                                             output_size=tokens.positions.numel())
@@ -284,7 +291,7 @@ class HeadCacheRuntime:
         if self.attention.scores_by_list:
             decode, decode_heads = [], []
             for row, start, n, st in zip(requests.rows, requests.starts, requests.num_tokens, states):
-                first = start + max(0, st.observation_start(st.tokens + n) - st.tokens)
+                first = start + max(0, st.observation_start(n) - st.tokens)
                 if not st.needs_scores or first >= start + n:
                     continue
                 if n == 1:
@@ -337,8 +344,7 @@ class HeadCacheRuntime:
                       and self.state[r].tokens >= self.state[r].prompt_len]
         due_decode = [r for r in rows if self.state[r].profiled
                       and self.state[r].since_evict >= self.block_size]
-        due_chunk = [r for r in rows if self.state[r].config.compress_by_chunk
-                     and self.state[r].tokens < self.state[r].prompt_len]
+        due_chunk = [r for r in rows if self.state[r].chunk_end]
         if due_chunk:
             self._evict(due_chunk, at_prompt_end=True, final=False)
             self._restart_scores(due_chunk)
@@ -395,6 +401,9 @@ class HeadCacheRuntime:
     def _restart_scores(self, rows: list[int]) -> None:
         """Zero the slot scores of every page of ``rows``: the next chunk's observation
         rows are all that its profile (or the prompt end's) may sum."""
+        rows = [r for r in rows if self.state[r].needs_scores]
+        if not rows:
+            return
         pages = self.cache.table[torch.tensor(rows, dtype=torch.int64, device=self.cache.device)].reshape(-1)
         self.pool.slot_score.index_fill_(0, pages[pages >= 0].to(torch.int64), 0.0)
 

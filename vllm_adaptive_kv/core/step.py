@@ -64,7 +64,8 @@ class StepScoring:
     The rule (``triton_kernels.paged_attention.list_probs`` / ``add_slot_scores``):
     a slot's score gains the softmax probability it receives, summed over the
     query heads of its group, from every *observation row* of a scoring request
-    (prompt positions ``>= prompt_len - observation_window`` and every later token).
+    (prompt positions ``>= prompt_len - observation_window`` and every later token;
+    with ``compress_by_chunk`` also a chunk's last rows, ``RowState.observation_start``).
 
     weight        [T] fp32   1 for observation rows, 0 elsewhere (dense paths)
     lists         [max_reqs, L, H] bool, the runtime's persistent per-list mask

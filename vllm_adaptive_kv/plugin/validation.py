@@ -119,7 +119,8 @@ def allowed_keys_text(request: dict, default: dict | None) -> str:
         fields = None
     if fields is None:
         return "are " + ", ".join(sorted(POLICY_KEYS))
-    return f"for kv_policy={name!r} are " + ", ".join(["kv_policy", *fields, *PROFILING_KEYS])
+    profiling = [key for key in PROFILING_KEYS if name != "full" or key != "compress_by_chunk"]  # full evicts nothing
+    return f"for kv_policy={name!r} are " + ", ".join(["kv_policy", *fields, *profiling])
 
 
 def owner_of(key: str) -> str:
