@@ -18,7 +18,7 @@ the plugin turns off), so both engines schedule alike and preempt alike.
 - no leaks: after each engine's work, every page of the pool is free and the
   pool audit holds (asked from the worker over ``collective_rpc``).
 - by chunk: ``compress_by_chunk`` with vLLM's admission by chunk
-  (``scheduler_reserve_full_isl=False``) evicts at every prompt chunk's end and runs
+  (``scheduler_reserve_full_isl=False``) evicts at prompt chunks' ends and runs
   the same workload through preemption to the last token, every page back. Its
   passkey accuracy is printed, not asserted: early eviction loses keys that only the
   prompt's closing question shows to be needed (docs/performance.md measures it).

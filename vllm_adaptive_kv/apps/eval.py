@@ -1140,26 +1140,25 @@ def step_budget(max_num_batched_tokens: int | None) -> dict:
     return {"max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": min(256, max_num_batched_tokens)}
 
 
-def batched_tokens_arg(text: str) -> int:
-    """At least 32 tokens a step: smaller chunks than a page make no sense to profile."""
+def int_at_least(text: str, low: int, allowed: str) -> int:
+    """``text`` as an integer >= ``low``, else an argparse error naming it and ``allowed``."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed values are integers >= 32")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed values are {allowed}")
     return value
+
+
+def batched_tokens_arg(text: str) -> int:
+    """At least 32 tokens a step: smaller chunks than a page make no sense to profile."""
+    return int_at_least(text, 32, "integers >= 32")
 
 
 def prompts_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed values are integers from 1 to "
-                                         f"{FULL_SIZE.max_prompts} ({QUICK_SIZE.max_prompts} with --quick)")
-    return value
+    return int_at_least(text, 1, f"integers from 1 to {FULL_SIZE.max_prompts} "
+                                 f"({QUICK_SIZE.max_prompts} with --quick)")
 
 
 def model_problem(model: str) -> str | None:

@@ -23,8 +23,9 @@ pool_kernel         snapkv, fastgen: max-pool width over       7 (snapkv),
                     scores before the top-k (odd; fastgen's    1 (fastgen)
                     frequent rung, not in the paper)
 observation_window  profiling: last W prompt queries used      64
-compress_by_chunk   evict at the end of every prefill chunk,   false
-                    each chunk profiled on its own last W
+compress_by_chunk   evict at the end of each prefill chunk of  false
+                    >= W tokens ending before the prompt's
+                    last W, profiled on its own last W
                     queries (any policy but full; see below)
 =================== ========================================== ============
 
@@ -35,7 +36,9 @@ paper's FastGen).
 
 ``compress_by_chunk``: a long prompt prefilled in chunks then never holds all of
 its tokens at once, so admitting by chunk (vLLM's ``--no-scheduler-reserve-full-isl``)
-can run more requests in the same pages. Each chunk's eviction is the policy's
+can run more requests in the same pages. A chunk evicts if it holds a whole
+observation window and ends before the prompt's last window begins (so the
+prompt's end still profiles a full window). Its eviction is the policy's
 prompt-end eviction as if the prompt ended there (a per-head policy profiles the
 chunk's last ``observation_window`` queries), and scores restart at each chunk:
 tokens evicted early are gone for later chunks, so it trades quality for memory
